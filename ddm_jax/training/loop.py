@@ -1,0 +1,181 @@
+"""The training loop: config -> data -> compiled step -> checkpoints, metrics, sample grids."""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from ddm_jax import data as data_lib
+from ddm_jax.config import validate
+from ddm_jax.errors import CheckpointError, DDMError
+from ddm_jax.images import save_grid
+from ddm_jax.sampling import generate, make_generator
+from ddm_jax.training import parallel
+from ddm_jax.training.checkpoint import Checkpointer, abstract_like, check_compatible, config_to_json
+from ddm_jax.training.optim import make_optimizer
+from ddm_jax.training.state import create_train_state
+from ddm_jax.training.step import jit_train_step, make_train_step
+
+
+class NonFiniteError(DDMError):
+  pass
+
+
+def build_ddm(config):
+  """Pixel-space DDM, or the latent Stable Diffusion DDM when a pretrained folder is set."""
+  if config.model.get('pretrained'):
+    from ddm_jax.latent import LatentDDM  # pylint: disable=import-outside-toplevel
+    return LatentDDM(config)
+  from ddm_jax.ddm import DDM  # pylint: disable=import-outside-toplevel
+  return DDM(config)
+
+
+class MetricsWriter:
+  """metrics.jsonl (one object per logged step) + TensorBoard events, process 0 only."""
+
+  def __init__(self, workdir, enabled):
+    self.enabled = enabled
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step, metrics):
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    self.jsonl.write(json.dumps(row) + '\n')
+    self.jsonl.flush()
+    for k, v in row.items():
+      if k != 'step':
+        self.tb.add_scalar(f'train/{k}', v, step)
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def _replicate_tree(tree, sharding):
+  return jax.tree_util.tree_map(lambda _: sharding, tree)
+
+
+def train(config, workdir, should_stop=lambda: False, progress=True):
+  """Train (or resume) a DDM in `workdir`. Returns the final TrainState.
+
+  `should_stop()` is polled after every step (SIGTERM): the run then checkpoints and returns.
+  """
+  validate(config)
+  parallel.maybe_initialize_distributed(config.train.distributed)
+  local_batch = parallel.check_batch_divides(config.train.batch_size)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+  data_dir = data_lib.resolve_data_dir(config.data, workdir)
+  if is_main:
+    data_lib.prepare(config.data, data_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices('data prepared')
+  iterator = data_lib.make_iterator(config.data, data_dir, config.data.split, local_batch,
+                                    seed=config.data.shuffle_seed,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+
+  ddm = build_ddm(config)
+  num_steps = config.train.num_steps
+  tx = make_optimizer(config.optim, num_steps)
+  init_fn = lambda rng: create_train_state(ddm.init(rng), tx)
+  init_key = jax.random.fold_in(jax.random.key(config.train.seed), -1 % (2 ** 31))
+  abstract = jax.eval_shape(init_fn, init_key)
+  state_sh = _replicate_tree(abstract, repl)
+
+  ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    check_compatible(ckpt.read_config(start), config, workdir)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    state, it_state = ckpt.restore(start, target)
+    iterator.set_state(it_state)
+    if is_main:
+      print(f'resumed from {ckpt.directory}/{start}', flush=True)
+  else:
+    start = 0
+    state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
+    if is_main:
+      with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+        json.dump(config_to_json(config), f, indent=2)
+
+  frozen = jax.device_put(ddm.frozen(), repl)
+  step_fn = jit_train_step(make_train_step(ddm, config, tx), state_sh, data_sh, repl)
+  writer = MetricsWriter(workdir, is_main)
+  sample_gen = None
+  skip_nonfinite = config.train.get('skip_nonfinite', False)
+
+  def check_finite():
+    count = int(jax.device_get(state.nonfinite_count))
+    if count and not skip_nonfinite:
+      first = int(jax.device_get(state.first_nonfinite_step))
+      raise NonFiniteError(
+          f'non-finite loss or gradient at step {first + 1} ({count} such steps so far); '
+          f'stopped without writing a checkpoint (set config.train.skip_nonfinite=True to skip them)')
+
+  def save(step):
+    check_finite()
+    ckpt.save(step, state, config, iterator.get_state())
+
+  pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main),
+              desc='train', dynamic_ncols=True)
+  t_last, s_last = time.time(), start
+  step = start
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = parallel.global_batch(mesh, next(iterator))
+      state, metrics = step_fn(state, batch, frozen)
+      pbar.update(1)
+      if step % config.train.log_every == 0 or step == num_steps:
+        m = parallel.to_host(metrics)
+        now = time.time()
+        m['steps_per_sec'] = (step - s_last) / max(now - t_last, 1e-9)
+        m['nonfinite_count'] = int(jax.device_get(state.nonfinite_count))
+        t_last, s_last = now, step
+        writer.write(step, m)
+        pbar.set_postfix(loss=f"{m['loss']:.4f}", rec=f"{m['loss_rec']:.4f}",
+                         ind=f"{m['loss_ind']:.3f}", acc=f"{m['indicator_acc']:.2f}",
+                         it_s=f"{m['steps_per_sec']:.1f}")
+        check_finite()
+      if config.train.sample_every and step % config.train.sample_every == 0:
+        if sample_gen is None:
+          sample_gen = make_generator(ddm, mesh, config.sample.sampler, config.sample.steps,
+                                      config.sample.eta, **sampler_extra(ddm))
+        imgs = generate(sample_gen, state.ema_params, frozen, config.train.num_sample_images,
+                        jax.random.key(config.train.seed), config.train.num_sample_images,
+                        progress=False)
+        if is_main:
+          save_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), imgs)
+      if step % config.train.checkpoint_every == 0 or step == num_steps:
+        save(step)
+      if should_stop():
+        if is_main:
+          print(f'\nstop requested: checkpointing step {step} and exiting', flush=True)
+        if step % config.train.checkpoint_every and step != num_steps:
+          save(step)
+        break
+  finally:
+    pbar.close()
+    writer.close()
+    try:
+      ckpt.wait()
+    finally:
+      ckpt.close()
+  return state
+
+
+def sampler_extra(ddm):
+  """Pixel models clip x0 to the data range, as diffusers' DDPM/DDIM clip_sample does."""
+  return {} if getattr(ddm, 'latent', False) else {'clip_x0': 1.0}

@@ -1,0 +1,28 @@
+"""The train state: one pytree holding everything a step changes."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Any       # trainable: {'unet': ..., 'indicator': ...} (or LoRA + indicator)
+  opt_state: Any
+  ema_params: Any   # exponential moving average of params, used for sampling
+  nonfinite_count: jnp.ndarray       # steps whose loss or gradient was NaN/Inf (update skipped)
+  first_nonfinite_step: jnp.ndarray  # -1 while every step has been finite
+
+
+def create_train_state(params, tx):
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                    nonfinite_count=jnp.zeros((), jnp.int32),
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def ema_update(ema, params, decay):
+  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)

@@ -1,0 +1,47 @@
+"""The compiled DDM train step: state, global batch -> new state, metrics."""
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddm_jax.objective import ddm_loss
+from ddm_jax.training.state import ema_update
+
+
+def make_train_step(ddm, config, tx):
+  """Returns the un-jitted step(state, batch, frozen). Randomness is
+  fold_in(key(seed), step): nothing depends on how a run was split or sharded."""
+  seed, decay = config.train.seed, config.train.ema_decay
+  w_rec, w_ind = config.loss.w_rec, config.loss.w_ind
+
+  def step(state, batch, frozen):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    k_batch, k_loss = jax.random.split(rng)
+    x0, labels, cond = ddm.prepare_batch(frozen, batch, k_batch)
+    model_fn = lambda p, x_t, t: ddm.model_fn(p, frozen, x_t, t, **cond)
+    loss_fn = lambda p: ddm_loss(model_fn, ddm.indicator_fn, p, x0, labels, k_loss, ddm.sched,
+                                 w_rec, w_ind)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        ema_params=ema_update(state.ema_params, params, decay))
+    # A non-finite step changes nothing but the step and the counters, so no NaN
+    # ever reaches the parameters (or a checkpoint); the loop decides to stop or go on.
+    keep = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(finite, x, y), a, b)
+    new = new.replace(params=keep(new.params, state.params),
+                      opt_state=keep(new.opt_state, state.opt_state),
+                      ema_params=keep(new.ema_params, state.ema_params),
+                      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
+                      first_nonfinite_step=jnp.where(
+                          (~finite) & (state.first_nonfinite_step < 0), state.step,
+                          state.first_nonfinite_step))
+    return new, metrics
+
+  return step
+
+
+def jit_train_step(step, state_sharding, batch_sharding, replicated):
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding, replicated),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))

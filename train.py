@@ -1,0 +1,7 @@
+"""Train a DDM: python train.py --config=configs/digits.py --workdir=DIR [--config.KEY=VALUE ...]"""
+import sys
+
+from ddm_jax.cli import train_main
+
+if __name__ == '__main__':
+  sys.exit(train_main())
