@@ -11,7 +11,7 @@ def get_config():
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'biased_digits'          # a TFDS builder name; ours or any registered one
-  c.data.data_dir = ''                   # '' -> <workdir>/../data_dir or $DDM_DATA_DIR
+  c.data.data_dir = ''                   # '' -> $DDM_DATA_DIR or ~/.cache/ddm_jax/data
   c.data.split = 'train'
   c.data.image_key = 'image'
   c.data.label_key = 'label'             # group label feature, e.g. 'attributes/Male' for celeb_a
@@ -19,13 +19,15 @@ def get_config():
   c.data.proportions = (0.8, 0.2)        # biased_digits: share of each group in the training set
   c.data.class_filter = ()               # generic TFDS: keep only these label values ('' = all)
   c.data.group_ratio = ()                # generic TFDS: subsample to this group ratio
-  c.data.resolution = 16                 # images are resized to resolution x resolution
+  c.data.resolution = 8                  # images are resized to resolution x resolution
   c.data.channels = 1
   c.data.num_groups = 2
   c.data.shuffle_seed = 0
+  c.data.pseudo_labels = ''              # 'kmeans': replace group labels by k-means clusters
+  c.data.pseudo_pca_dims = 16            # pseudo-labels: PCA dims of the pixel features
 
   c.model = ml_collections.ConfigDict()
-  c.model.sample_size = 16
+  c.model.sample_size = 8
   c.model.in_channels = 1
   c.model.out_channels = 1
   c.model.block_out_channels = (32, 64)
@@ -69,15 +71,15 @@ def get_config():
   c.optim.grad_accum = 1
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1500
+  c.train.num_steps = 800
   c.train.batch_size = 64                # global, across all devices and hosts
   c.train.seed = 0
   c.train.ema_decay = 0.999
   c.train.log_every = 25
-  c.train.checkpoint_every = 500
+  c.train.checkpoint_every = 400
   c.train.keep_checkpoints = 3
-  c.train.sample_every = 500
-  c.train.num_sample_images = 16
+  c.train.sample_every = 400
+  c.train.num_sample_images = 64
   c.train.distributed = False            # call jax.distributed.initialize()
 
   c.sample = ml_collections.ConfigDict()

@@ -24,5 +24,8 @@ def create_train_state(params, tx):
                     first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
-def ema_update(ema, params, decay):
-  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+def ema_update(ema, params, decay, step):
+  """EMA with the usual warm-up min(decay, (1 + step) / (10 + step)), so a short
+  run's EMA is not dominated by the random initialisation."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)

@@ -26,7 +26,7 @@ def make_train_step(ddm, config, tx):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        ema_params=ema_update(state.ema_params, params, decay))
+                        ema_params=ema_update(state.ema_params, params, decay, state.step))
     # A non-finite step changes nothing but the step and the counters, so no NaN
     # ever reaches the parameters (or a checkpoint); the loop decides to stop or go on.
     keep = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(finite, x, y), a, b)

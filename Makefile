@@ -1,0 +1,35 @@
+# make demo : train a DDM on the embedded biased digits, then sample (creates .venv)
+# make test : the whole test suite (what .ci/run runs)
+# make bench: train-step benchmark (one JSON line)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test bench clean
+
+$(VENV)/.core: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) -e '.[test,torch]'
+	touch $@
+
+demo: $(VENV)/.core
+	@start=$$(date +%s); \
+	$(PY) train.py --config=configs/digits.py --workdir=$(WORKDIR) && \
+	$(PY) sample.py --workdir=$(WORKDIR) --num_samples=64 && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s: metrics $(WORKDIR)/metrics.jsonl, \
+	checkpoints $(WORKDIR)/checkpoints, grids $(WORKDIR)/samples, images $(WORKDIR)/generated"
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: $(VENV)/.core
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,245 @@
+"""TFDS builders that prepare offline into array_record (read back without TensorFlow).
+
+* `biased_digits`: scikit-learn's bundled 8x8 digits, grouped by digit class and
+  subsampled to a chosen group ratio: the embedded, network-free demo data.
+* `reference_folder`: the reference DDM data format (a folder of images, one
+  group label per image, one prompt per image).
+
+Images are stored as `tfds.features.Tensor(uint8)`: `tfds.features.Image`
+would need TensorFlow to encode numpy arrays.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+import tensorflow_datasets as tfds
+
+from ddm_jax.data import labels as labels_lib
+from ddm_jax.data import sampling
+from ddm_jax.errors import DataError
+
+TEST_FRACTION = 0.2
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+# ----------------------------------------------------------------------------- biased_digits
+
+
+@dataclasses.dataclass(eq=False)
+class BiasedDigitsConfig(tfds.core.BuilderConfig):
+  groups: tuple = ((0,), (1,))
+  proportions: tuple = (0.8, 0.2)
+  seed: int = 0
+
+
+def biased_digits_config(groups, proportions, seed=0):
+  """A validated config whose name encodes its content, e.g. `g0_g1_p80-20_s0`.
+
+  The name selects the prepared folder, so two configs that differ in any
+  field never share data; proportions are normalised first (4:1 == 0.8:0.2).
+  """
+  groups = _check_groups(groups)
+  shares = sampling.normalize_ratio(proportions, len(groups), 'data.proportions')
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    raise DataError(f'data.shuffle_seed must be a non-negative int, got {seed!r}')
+  percent = '-'.join(f'{100 * s:.6g}'.replace('.', 'p') for s in shares)
+  name = '_'.join('g' + ''.join(map(str, g)) for g in groups) + f'_p{percent}_s{int(seed)}'
+  return BiasedDigitsConfig(name=name, groups=groups, proportions=tuple(float(s) for s in shares),
+                            seed=int(seed), description=f'digit groups {groups} at {percent}')
+
+
+def _check_groups(groups):
+  try:
+    groups = tuple(tuple(int(d) for d in g) for g in groups)
+  except (TypeError, ValueError):
+    raise DataError(f'data.groups must be a tuple of tuples of digits, got {groups!r}') from None
+  flat = [d for g in groups for d in g]
+  if len(groups) < 2 or any(not g for g in groups):
+    raise DataError(f'data.groups needs at least two non-empty groups, got {groups}')
+  if any(d < 0 or d > 9 for d in flat) or len(set(flat)) != len(flat):
+    raise DataError(f'data.groups must hold distinct digits 0..9, got {groups}')
+  return groups
+
+
+def load_sklearn_digits():
+  """(images uint8 [N,8,8,1] scaled from 0..16 to 0..255, digits int64 [N])."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top -- slow import
+  bunch = load_digits()
+  images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  return images, bunch.target.astype(np.int64)
+
+
+def digits_splits(digits, groups, proportions, seed):
+  """Row indices of each split: `test`, `balanced` (rest of the pool), `train` (biased).
+
+  `test` holds out TEST_FRACTION of every included class; `train` subsamples
+  `balanced` so group shares match `proportions` within one image.
+  """
+  rng = np.random.default_rng(seed)
+  test, pool = [], []
+  for digit in sorted(d for g in groups for d in g):
+    rows = rng.permutation(np.flatnonzero(digits == digit))
+    n_test = int(round(TEST_FRACTION * rows.size))
+    test.append(rows[:n_test])
+    pool.append(rows[n_test:])
+  pool = np.sort(np.concatenate(pool))
+  group_of = digit_to_group(groups)
+  train = pool[sampling.subsample(group_of[digits[pool]], np.asarray(proportions), seed)]
+  return {'train': train, 'balanced': pool, 'test': np.sort(np.concatenate(test))}
+
+
+def digit_to_group(groups):
+  """int64 [10]: the group of each digit, -1 for digits in no group."""
+  table = np.full(10, -1, np.int64)
+  for g, members in enumerate(groups):
+    table[list(members)] = g
+  return table
+
+
+class BiasedDigits(tfds.core.GeneratorBasedBuilder):
+  """scikit-learn 8x8 digits, grouped by class and biased to a group ratio."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+  def _info(self):
+    scalar = lambda: tfds.features.Tensor(shape=(), dtype=np.int64)  # noqa: E731
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='scikit-learn 8x8 digits; label = group index, digit = class.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+            'label': scalar(),
+            'digit': scalar(),
+            'index': scalar(),  # row in load_digits(): identifies an image across splits
+        }),
+        supervised_keys=('image', 'label'),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # everything is in the scikit-learn wheel
+    config = self.builder_config
+    images, digits = load_sklearn_digits()
+    splits = digits_splits(digits, config.groups, config.proportions, config.seed)
+    group_of = digit_to_group(config.groups)
+    return {name: self._generate_examples(images, digits, group_of, rows)
+            for name, rows in splits.items()}
+
+  def _generate_examples(self, images, digits, group_of, rows):
+    for row in rows:
+      yield int(row), {'image': images[row], 'label': group_of[digits[row]],
+                       'digit': digits[row], 'index': row}
+
+
+# ----------------------------------------------------------------------------- reference_folder
+
+
+@dataclasses.dataclass(eq=False)
+class ReferenceFolderConfig(tfds.core.BuilderConfig):
+  image_dir: str = ''
+  labels_file: str = ''
+  prompts_file: str = ''
+  resolution: int = 512
+  num_groups: int = 0  # 0: do not bound labels here (the pipeline checks them)
+
+
+def reference_folder_config(image_dir, labels_file, prompts_file, resolution, num_groups=0):
+  """A validated config named after its resolution and a fingerprint of the inputs.
+
+  The fingerprint covers paths, sizes and modification times, so editing the
+  folder or the label file prepares a fresh copy instead of reusing stale data.
+  """
+  if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
+    raise DataError(f'data.resolution must be a positive int, got {resolution!r}')
+  config = ReferenceFolderConfig(
+      name='pending', image_dir=os.path.abspath(os.path.expanduser(image_dir)),
+      labels_file=os.path.abspath(os.path.expanduser(labels_file)),
+      prompts_file=os.path.abspath(os.path.expanduser(prompts_file)) if prompts_file else '',
+      resolution=int(resolution), num_groups=int(num_groups or 0))
+  files, _, _ = read_reference(config)  # fail now, not in the middle of preparing
+  watched = [os.path.join(config.image_dir, f) for f in files] + [config.labels_file]
+  watched += [config.prompts_file] if config.prompts_file else []
+  stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in watched]
+  digest = hashlib.sha1(json.dumps([config.resolution, stats]).encode()).hexdigest()[:12]
+  return dataclasses.replace(config, name=f'r{config.resolution}_{digest}',
+                             description=f'images in {config.image_dir}')
+
+
+def list_images(image_dir):
+  """Image file names in `image_dir`, sorted (the order labels and prompts follow)."""
+  if not os.path.isdir(image_dir):
+    raise DataError(f'image folder {image_dir} does not exist')
+  names = sorted(n for n in os.listdir(image_dir)
+                 if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith('.'))
+  if not names:
+    raise DataError(f'image folder {image_dir} holds no images ({", ".join(IMAGE_SUFFIXES)})')
+  return names
+
+
+def read_reference(config):
+  """(file names, labels int64, prompts) with matching counts, else DataError."""
+  files = list_images(config.image_dir)
+  labels = labels_lib.read_labels(config.labels_file, config.num_groups or None, names=files)
+  prompts = labels_lib.read_prompts(config.prompts_file) if config.prompts_file else [''] * len(files)
+  if not len(files) == len(labels) == len(prompts):
+    prompt_part = f', {len(prompts)} prompts in {config.prompts_file}' if config.prompts_file else ''
+    raise DataError(f'count mismatch: {len(files)} images in {config.image_dir}, '
+                    f'{len(labels)} labels in {config.labels_file}{prompt_part}')
+  return files, labels, prompts
+
+
+def load_rgb(path, resolution):
+  """An image file as uint8 [R,R,3]: RGB, shorter side resized to R (bilinear), centre-cropped."""
+  try:
+    with Image.open(path) as image:
+      image = image.convert('RGB')
+  except (UnidentifiedImageError, OSError) as e:
+    raise DataError(f'cannot read image {path}: {e}') from None
+  return np.asarray(resize_square(image, resolution))
+
+
+def resize_square(image, resolution):
+  """Centre-crops a PIL image to a square and resizes it to `resolution` (bilinear)."""
+  width, height = image.size
+  side = min(width, height)
+  if width != height:
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+  if side != resolution:
+    image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
+  return image
+
+
+class ReferenceFolder(tfds.core.GeneratorBasedBuilder):
+  """A folder of images + a group-label file + a prompts file (reference DDM format)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+  def _info(self):
+    r = self.builder_config.resolution
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Images with per-image group labels and prompts.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(r, r, 3), dtype=np.uint8),
+            'label': tfds.features.Tensor(shape=(), dtype=np.int64),
+            'prompt': tfds.features.Text(),
+            'filename': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'label'),
+        disable_shuffling=True,  # record i is the i-th file in sorted order
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # local files only
+    return {'train': self._generate_examples(*read_reference(self.builder_config))}
+
+  def _generate_examples(self, files, labels, prompts):
+    config = self.builder_config
+    for i, (name, label, prompt) in enumerate(zip(files, labels, prompts)):
+      image = load_rgb(os.path.join(config.image_dir, name), config.resolution)
+      yield i, {'image': image, 'label': label, 'prompt': prompt, 'filename': name}
