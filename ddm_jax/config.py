@@ -89,14 +89,18 @@ def validate(config):
            f'must be one of {PREDICTION_TYPES}')
   _require(config.sample.sampler in SAMPLERS, 'sample.sampler',
            f'must be one of {sorted(SAMPLERS)}, got {config.sample.sampler!r}')
+  if config.get('latent_factor', 1) > 1:  # latent DDM: the UNet comes from the diffusers folder
+    _require(bool(m.get('pretrained')), 'model.pretrained', 'set it to a local diffusers folder')
+    _require(d.resolution % config.latent_factor == 0, 'data.resolution',
+             f'{d.resolution} is not divisible by the VAE factor {config.latent_factor}')
+    return config
   _require(len(m.down_block_types) == len(m.block_out_channels) == len(m.up_block_types),
            'model.block_out_channels', 'needs one entry per down and up block type')
-  if config.get('latent_factor', 1) > 1:  # latent DDM: the VAE sets the factor; the UNet
-    factor = config.latent_factor         # resizes skips itself, as diffusers does
-  else:
-    factor = 2 ** (len(m.block_out_channels) - 1)
+  factor = 2 ** (len(m.block_out_channels) - 1)
   _require(d.resolution % factor == 0, 'data.resolution',
-           f'{d.resolution} is not divisible by the downsampling factor {factor}')
+           f'{d.resolution} is not divisible by the UNet downsampling factor {factor}')
+  _require(m.in_channels == m.out_channels == d.channels, 'model.in_channels',
+           f'model in/out channels ({m.in_channels}, {m.out_channels}) must equal data.channels {d.channels}')
   for c in m.block_out_channels:
     _require(c % m.norm_num_groups == 0, 'model.norm_num_groups',
              f'{m.norm_num_groups} does not divide block channels {tuple(m.block_out_channels)}')

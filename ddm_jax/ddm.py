@@ -44,5 +44,13 @@ class DDM:
   def model_fn(self, params, frozen, x_t, t, class_labels=None, context=None):
     return self.unet.apply({'params': params['unet']}, x_t, t, context, class_labels)
 
+  def sample_cond(self, params, frozen, batch_size):
+    """Conditioning every sample gets by default (none here; the prompt for SD)."""
+    return {}
+
+  def decode(self, frozen, x):
+    """Sampler output -> images in [-1, 1] (identity here; the VAE decoder for SD)."""
+    return x
+
   def indicator_fn(self, params, eps_pred):
     return self.indicator.apply({'params': params['indicator']}, eps_pred)

@@ -262,8 +262,12 @@ def _preprocess_fn(data_cfg):
 # ----------------------------------------------------------------------------- public readers
 
 
-def make_dataset(data_cfg, data_dir, split, batch_size, seed, process_index=0, process_count=1):
-  """The grain `MapDataset` behind `make_iterator` (shard, shuffle per epoch, repeat, batch)."""
+def make_dataset(data_cfg, data_dir, split, batch_size, seed, process_index=0, process_count=1,
+                 extra_fn=None):
+  """The grain `MapDataset` behind `make_iterator` (shard, shuffle per epoch, repeat, batch).
+
+  `extra_fn(raw_example) -> dict` adds model-specific host features (e.g. the
+  prompt's token ids for Stable Diffusion) to each preprocessed example."""
   if not 0 <= process_index < process_count:
     raise DataError(f'process_index {process_index} is not in [0, {process_count})')
   if batch_size < 1:
@@ -273,11 +277,19 @@ def make_dataset(data_cfg, data_dir, split, batch_size, seed, process_index=0, p
   if len(ds) == 0:
     raise DataError(f'{_get(data_cfg, "name")}[{split}] has {len(source)} examples, too few for '
                     f'{process_count} processes')
-  ds = ds.shuffle(seed=int(seed) % 2**32).repeat().map(_preprocess_fn(data_cfg))
+  fn = _preprocess_fn(data_cfg)
+  if extra_fn is not None:
+    fn = functools.partial(_with_extra, fn, extra_fn)
+  ds = ds.shuffle(seed=int(seed) % 2**32).repeat().map(fn)
   return ds.batch(batch_size, drop_remainder=True)
 
 
-def make_iterator(data_cfg, data_dir, split, batch_size, seed, process_index=0, process_count=1):
+def _with_extra(fn, extra_fn, example):
+  return {**fn(example), **extra_fn(example)}
+
+
+def make_iterator(data_cfg, data_dir, split, batch_size, seed, process_index=0, process_count=1,
+                  extra_fn=None):
   """Endless per-process batches `{'image': f32 [B,R,R,C], 'label': i32 [B]}`.
 
   Process i reads the records i, i + count, ... of the source (disjoint shards
@@ -285,7 +297,8 @@ def make_iterator(data_cfg, data_dir, split, batch_size, seed, process_index=0, 
   per-process batch. The returned grain `DatasetIterator` checkpoints exactly
   with `get_state()` / `set_state()`.
   """
-  ds = make_dataset(data_cfg, data_dir, split, batch_size, seed, process_index, process_count)
+  ds = make_dataset(data_cfg, data_dir, split, batch_size, seed, process_index, process_count,
+                    extra_fn)
   return iter(ds.to_iter_dataset())
 
 

@@ -135,7 +135,7 @@ class UNet2DConditionModel(nn.Module):
     for i, kind in enumerate(self.down_block_types):
       x, outs = block_cls(kind, boc[i], layers[i], head_dims[i], heads[i], i < n - 1,
                           self.norm_num_groups, self.norm_eps, cross(i), self.downsample_padding,
-                          dtype=self.dtype, name=f'down_blocks_{i}')(x, temb, context)
+                          dtype=self.dtype, name=f'down_blocks_{i}')(x, temb, context, (), None)
       skips.extend(outs)
 
     if self.mid_block_type == 'UNetMidBlock2DCrossAttn':

@@ -81,12 +81,12 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices('data prepared')
+  ddm = build_ddm(config)
   iterator = data_lib.make_iterator(config.data, data_dir, config.data.split, local_batch,
                                     seed=config.data.shuffle_seed,
                                     process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-
-  ddm = build_ddm(config)
+                                    process_count=jax.process_count(),
+                                    extra_fn=getattr(ddm, 'host_features', None))
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optim, num_steps)
   init_fn = lambda rng: create_train_state(ddm.init(rng), tx)

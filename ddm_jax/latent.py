@@ -1,0 +1,112 @@
+"""Latent DDM: Stable Diffusion 1.x/2.x from a local diffusers folder, fine-tuned with LoRA.
+
+images -> VAE latents (x scaling factor) -> noise at a random t -> UNet(+LoRA) with the
+prompt's text embedding (text encoder +LoRA when trained) -> w_rec*MSE + w_ind*CE.
+The base weights are `frozen` (never in the optimizer, never checkpointed); the
+trainable tree is {'unet_lora', 'text_lora' (optional), 'indicator'}.
+"""
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddm_jax.ddm import DDM
+from ddm_jax.diffusion.schedules import make_schedule
+from ddm_jax.interop.diffusers import load_pipeline
+from ddm_jax.models import lora as lora_lib
+from ddm_jax.models.indicator import Indicator
+from ddm_jax.models.vae import sample_latent
+
+
+def schedule_from_scheduler_config(cfg):
+  return make_schedule(cfg.get('beta_schedule', 'scaled_linear'),
+                       cfg.get('num_train_timesteps', 1000), cfg.get('beta_start', 0.00085),
+                       cfg.get('beta_end', 0.012), cfg.get('prediction_type', 'epsilon'))
+
+
+class LatentDDM(DDM):
+  latent = True
+
+  def __init__(self, config):  # pylint: disable=super-init-not-called
+    self.config = config
+    m, lc = config.model, config.lora
+    dtype = jnp.dtype(m.get('dtype', 'float32'))
+    sd = load_pipeline(m.pretrained, dtype=dtype)
+    self.unet = sd.unet.clone(remat=bool(m.get('remat', False)))
+    self.vae, self.text_encoder, self.tokenizer = sd.vae, sd.text_encoder, sd.tokenizer
+    self.scheduler_config = sd.scheduler_config
+    self.sched = schedule_from_scheduler_config(sd.scheduler_config)
+    self._frozen = {'unet': sd.unet_params, 'vae': sd.vae_params, 'text': sd.text_encoder_params}
+    factor = 2 ** (len(self.vae.block_out_channels) - 1)
+    r = config.data.resolution // factor
+    self.sample_shape = (r, r, self.unet.in_channels)
+    self.eps_shape = (r, r, self.unet.out_channels)
+    self.indicator = Indicator(config.data.num_groups, tuple(config.indicator.hidden))
+    self.unet_scale = lc.unet_alpha / lc.unet_rank
+    self.text_scale = lc.text_alpha / lc.text_rank
+    self.prompt = config.data.get('prompt', 'A human face')
+
+  # ---------------------------------------------------------------- parameters
+  def init(self, rng):
+    k_u, k_t, k_i = jax.random.split(rng, 3)
+    lc = self.config.lora
+    params = {'unet_lora': lora_lib.init_lora(k_u, self._frozen['unet'], tuple(lc.unet_targets),
+                                              lc.unet_rank),
+              'indicator': self.indicator.init(k_i, jnp.zeros((1,) + self.eps_shape))['params']}
+    if lc.train_text_encoder:
+      params['text_lora'] = lora_lib.init_lora(k_t, self._frozen['text'], tuple(lc.text_targets),
+                                                lc.text_rank)
+    return params
+
+  def frozen(self):
+    return self._frozen
+
+  # ---------------------------------------------------------------- data
+  def tokenize(self, prompts):
+    return self.tokenizer(list(prompts)).astype(np.int32)
+
+  def host_features(self, example):
+    """Runs in the data pipeline: the example's prompt (or the config's) as token ids."""
+    prompt = example.get('prompt') or self.prompt
+    return {'input_ids': self.tokenize([prompt])[0]}
+
+  def prepare_batch(self, frozen, batch, rng):
+    mean, logvar = self.vae.apply({'params': frozen['vae']}, batch['image'], method='encode')
+    z = jax.lax.stop_gradient(sample_latent(mean, logvar, rng) * self.vae.scaling_factor)
+    return z, batch['label'], {'input_ids': batch['input_ids'],
+                               'dropout_rng': jax.random.fold_in(rng, 1)}
+
+  # ---------------------------------------------------------------- model
+  def _lora(self, params, key, scale, rng):
+    if key not in params:
+      return contextlib.nullcontext()
+    rate = self.config.lora.dropout if rng is not None else 0.0
+    return lora_lib.apply_lora(params[key], scale, rate, rng)
+
+  def encode_text(self, params, frozen, input_ids, rng=None):
+    with self._lora(params, 'text_lora', self.text_scale, rng):
+      return self.text_encoder.apply({'params': frozen['text']}, input_ids).last_hidden_state
+
+  def model_fn(self, params, frozen, x_t, t, input_ids=None, context=None, dropout_rng=None,
+               class_labels=None):
+    if context is None:
+      context = self.encode_text(params, frozen, input_ids, dropout_rng)
+    with self._lora(params, 'unet_lora', self.unet_scale, dropout_rng):
+      return self.unet.apply({'params': frozen['unet']}, x_t, t, context)
+
+  def sample_cond(self, params, frozen, batch_size):
+    ids = jnp.asarray(self.tokenize([self.prompt]))
+    ctx = self.encode_text(params, frozen, ids)
+    return {'context': jnp.broadcast_to(ctx, (batch_size,) + ctx.shape[1:])}
+
+  def decode(self, frozen, z):
+    return self.vae.apply({'params': frozen['vae']}, z / self.vae.scaling_factor, method='decode')
+
+  def merged_params(self, params):
+    """Base weights with the LoRA folded in (for inference and export)."""
+    out = {'unet': lora_lib.merge(self._frozen['unet'], params['unet_lora'], self.unet_scale),
+           'text': self._frozen['text']}
+    if 'text_lora' in params:
+      out['text'] = lora_lib.merge(self._frozen['text'], params['text_lora'], self.text_scale)
+    return out
