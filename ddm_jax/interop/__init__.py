@@ -1,0 +1,1 @@
+"""Interoperability with PyTorch ecosystems (diffusers checkpoints), without PyTorch."""
