@@ -1,4 +1,9 @@
-"""Sample from a trained DDM: python sample.py --workdir=DIR --num_samples=N [--sampler=ddim --steps=50 --seed=0]"""
+"""Sample from a trained DDM: python sample.py --workdir=DIR --num_samples=N [--sampler=ddim --steps=50 --seed=0]
+
+Stable Diffusion workdirs (config.model.pretrained): LoRA merged, PNDM 40 steps by default,
+  python sample.py --workdir=DIR --num_samples=8 --prompt="A human face" [--prompt=... | "a;b"]
+      [--negative_prompt=TEXT] [--cfg_scale=7.5] [--sampler=pndm|ddim|ddpm|dpm++2m --steps=40]
+"""
 import sys
 
 from ddm_jax.cli import sample_main

@@ -1,0 +1,172 @@
+"""Peak memory and step time of a LoRA + indicator train step on a full SD-1.5-sized UNet.
+
+python benchmarks/sd_memory.py [--steps=3] [--resolution=32] [--batch=1] [--remat] [--dtype=bfloat16]
+
+The UNet has diffusers' SD-1.5 config (860M parameters); its weights are random, drawn
+with numpy one tensor at a time and turned into jax arrays (no download, no
+`module.init`). The step is the library's (`training.step.make_train_step`, donated
+state, the sd15_lora config's optimizer: clip by value, AdamW, gradient accumulation 4)
+on 4x4 latents (32x32 images) with a fixed 77-token text context: UNet LoRA r 8 / alpha
+32 on to_q/to_v + the reference indicator (4*4*4 -> 1024 -> 512 -> 2), loss
+w_rec*MSE + w_ind*CE. The VAE encoder and the text encoder are left out, as in the
+PyTorch reference figure (SD-1.5 UNet LoRA step at 4x4 latents, batch 1: about 1.0 s/step,
+3.6 GiB RSS on the 2-core CPU). Prints one JSON line: peak RSS (ru_maxrss) after the
+weights are built, after compiling and after the steps; compile time; seconds per step.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from ddm_jax.config import load_config_file  # noqa: E402
+from ddm_jax.diffusion.schedules import make_schedule  # noqa: E402
+from ddm_jax.interop.diffusers import expected_params  # noqa: E402
+from ddm_jax.models import lora as lora_lib  # noqa: E402
+from ddm_jax.models.indicator import Indicator  # noqa: E402
+from ddm_jax.models.unet import unet_from_config  # noqa: E402
+from ddm_jax.training import parallel  # noqa: E402
+from ddm_jax.training.optim import make_optimizer  # noqa: E402
+from ddm_jax.training.state import create_train_state  # noqa: E402
+from ddm_jax.training.step import jit_train_step, make_train_step  # noqa: E402
+
+# diffusers' runwayml/stable-diffusion-v1-5 unet/config.json (the keys our UNet reads)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2, down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'],
+    up_block_types=['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3, attention_head_dim=8,
+    cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True,
+    freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, act_fn='silu',
+    center_input_sample=False)
+GIB = 2.0 ** 30
+
+
+def peak_rss_gib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
+
+
+def random_params(module, seed, *inputs):
+  """Weights ~ N(0, 1/fan_in), norms 1 + N(0, 0.1^2), biases N(0, 0.02^2), drawn in numpy
+  one tensor at a time; each numpy array is dropped once its jax copy exists."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, leaf in expected_params(module, *inputs).items():
+    shape = leaf.shape
+    z = rng.standard_normal(shape, dtype=np.float32)
+    if path[-1] in ('kernel', 'embedding'):
+      z *= np.float32((np.prod(shape[:-1]) if path[-1] == 'kernel' else shape[-1]) ** -0.5)
+    elif path[-1] == 'scale':
+      z = 1 + np.float32(0.1) * z
+    else:
+      z *= np.float32(0.02)
+    out[path] = jnp.asarray(z)
+    del z
+  return traverse_util.unflatten_dict(out)
+
+
+class UNetLoRA:
+  """The LatentDDM training path on precomputed latents and text context."""
+
+  def __init__(self, unet, indicator, scale, sched):
+    self.unet, self.indicator, self.scale, self.sched = unet, indicator, scale, sched
+
+  def prepare_batch(self, frozen, batch, rng):
+    return batch['latent'], batch['label'], {'context': batch['context']}
+
+  def model_fn(self, params, frozen, x_t, t, context):
+    with lora_lib.apply_lora(params['unet_lora'], self.scale):
+      return self.unet.apply({'params': frozen['unet']}, x_t, t, context)
+
+  def indicator_fn(self, params, eps):
+    return self.indicator.apply({'params': params['indicator']}, eps)
+
+
+def main(argv):
+  p = argparse.ArgumentParser()
+  p.add_argument('--steps', type=int, default=3, help='timed steps after the first')
+  p.add_argument('--resolution', type=int, default=32, help='image side (latents: /8)')
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--remat', action='store_true')
+  p.add_argument('--dtype', default='float32', help='compute dtype (params stay float32)')
+  args = p.parse_args(argv)
+  t_start = time.time()
+  config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'configs', 'sd15_lora.py'))
+  lc = config.lora
+  unet = unet_from_config(SD15_UNET, dtype=jnp.dtype(args.dtype), remat=args.remat)
+  r, b = args.resolution // 8, args.batch
+  base = random_params(unet, 0, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
+                       jnp.zeros((1, 1, SD15_UNET['cross_attention_dim'])))
+  n_base = sum(x.size for x in jax.tree_util.tree_leaves(base))
+  rss_weights = peak_rss_gib()
+  t_weights = time.time() - t_start
+
+  indicator = Indicator(2, tuple(config.indicator.hidden))
+  params = {'unet_lora': lora_lib.init_lora(jax.random.key(1), base, tuple(lc.unet_targets),
+                                            lc.unet_rank),
+            'indicator': indicator.init(jax.random.key(2), jnp.zeros((1, r, r, 4)))['params']}
+  n_train = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  sched = make_schedule('scaled_linear', 1000, 0.00085, 0.012)
+  model = UNetLoRA(unet, indicator, lc.unet_alpha / lc.unet_rank, sched)
+  tx = make_optimizer(config.optim, config.train.num_steps)
+  mesh = parallel.make_mesh()
+  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  state = create_train_state(params, tx)
+  state_sh = jax.tree_util.tree_map(lambda _: repl, state)
+  rng = np.random.default_rng(0)
+  batch = {'latent': rng.standard_normal((b, r, r, 4)).astype(np.float32),
+           'label': (np.arange(b) % 2).astype(np.int32),
+           'context': rng.standard_normal((b, 77, 768)).astype(np.float32)}
+  batch = jax.device_put(batch, data)
+  frozen = {'unet': base}
+  step = jit_train_step(make_train_step(model, config, tx), state_sh, data, repl)
+
+  t0 = time.time()
+  compiled = step.lower(state, batch, frozen).compile()
+  t_compile = time.time() - t0
+  rss_compiled = peak_rss_gib()
+  mem = compiled.memory_analysis()
+  xla_mem = {k: round(getattr(mem, k) / GIB, 3) for k in (
+      'argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+      'alias_size_in_bytes', 'generated_code_size_in_bytes') if hasattr(mem, k)} if mem else None
+  if os.environ.get('SD_MEMORY_COMPILE_ONLY'):
+    print(json.dumps({'xla_memory_gib': xla_mem, 'compile_s': round(t_compile, 1),
+                      'rss_after_compile_gib': round(rss_compiled, 3)}))
+    return
+  t0 = time.time()
+  state, metrics = compiled(state, batch, frozen)
+  jax.block_until_ready(metrics)
+  t_first = time.time() - t0
+  times = []
+  for _ in range(args.steps):
+    t0 = time.time()
+    state, metrics = compiled(state, batch, frozen)
+    jax.block_until_ready(metrics)
+    times.append(time.time() - t0)
+  loss = float(metrics['loss'])
+  print(json.dumps({
+      'benchmark': 'sd15_unet_lora_indicator_train_step', 'image_resolution': args.resolution,
+      'latent': [r, r, 4], 'batch': b, 'remat': args.remat, 'dtype': args.dtype,
+      'base_params': int(n_base), 'trainable_params': int(n_train),
+      'peak_rss_gib': round(peak_rss_gib(), 3), 'rss_after_weights_gib': round(rss_weights, 3),
+      'rss_after_compile_gib': round(rss_compiled, 3), 'weights_s': round(t_weights, 1),
+      'xla_memory_gib': xla_mem, 'compile_s': round(t_compile, 1), 'first_step_s': round(t_first, 3),
+      'step_s_median': round(float(np.median(times)), 3) if times else None,
+      'step_s_all': [round(x, 3) for x in times], 'loss': loss, 'finite': bool(np.isfinite(loss)),
+      'devices': jax.device_count(), 'backend': jax.default_backend(),
+      'cpu_count': os.cpu_count(), 'load_avg_1m': round(os.getloadavg()[0], 2),
+      'machine': platform.machine(), 'jax': jax.__version__,
+      'reference_pytorch': {'peak_rss_gib': 3.6, 'step_s': 1.0}}))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
