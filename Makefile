@@ -1,6 +1,7 @@
 # make demo : train a DDM on the embedded biased digits, then sample (creates .venv)
 # make test : the whole test suite (what .ci/run runs)
-# make bench: train-step benchmark (one JSON line)
+# make bench: JAX vs the PyTorch reference, one JSON line per preset (BENCHMARKS.md;
+#             BENCH_ARGS='small --rounds 5' picks presets/options)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,8 +29,8 @@ demo: $(VENV)/.core
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-bench: $(VENV)/.core
-	$(PY) benchmarks/train_step.py
+bench: $(VENV)/.test
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

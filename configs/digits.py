@@ -81,6 +81,7 @@ def get_config():
   c.train.sample_every = 400
   c.train.num_sample_images = 64
   c.train.distributed = False            # call jax.distributed.initialize()
+  c.train.skip_nonfinite = False         # skip (and count) NaN/Inf steps instead of stopping
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = 'ddim'

@@ -29,6 +29,7 @@ def get_config():
   c.data.num_groups = 2
   c.data.groups = ()
   c.data.proportions = ()
+  c.data.skip_bad = False                # skip unreadable images (listed in metadata.json)
 
   c.model = ml_collections.ConfigDict()
   c.model.pretrained = ''                # a local diffusers folder (model_index.json, unet/, vae/, ...)

@@ -1,5 +1,7 @@
 """Config loading and validation: every impossible value is a ConfigError naming its key."""
 import importlib.util
+import math
+import numbers
 import os
 
 import ml_collections
@@ -42,12 +44,32 @@ def apply_overrides(config, overrides):
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if isinstance(old, tuple) and isinstance(value, (list, tuple, int, float)):
-      value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+      value = _tuples(value) if isinstance(value, (list, tuple)) else (value,)
     if old is not None and type(value) is not type(old):
       raise ConfigError(f'config.{dotted}: expected {type(old).__name__}, got {raw!r}')
+    if isinstance(old, tuple):
+      value = _match_elements(dotted, old, value, raw)
     with node.unlocked() if hasattr(node, 'unlocked') else _null():
       node[key] = value
   return config
+
+
+def _tuples(value):
+  """Lists (from the command line) -> tuples, recursively, as our configs use."""
+  return tuple(_tuples(v) if isinstance(v, (list, tuple)) else v for v in value)
+
+
+def _match_elements(dotted, old, value, raw):
+  """A tuple override keeps the element type of the default, e.g. ints for block_out_channels."""
+  kinds = {type(v) for v in old}
+  if len(kinds) != 1 or not old:
+    return value
+  kind = kinds.pop()
+  if kind is float:
+    value = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
+  if any(type(v) is not kind for v in value):
+    raise ConfigError(f'config.{dotted}: expected a tuple of {kind.__name__}, got {raw!r}')
+  return value
 
 
 class _null:
@@ -63,8 +85,84 @@ def _require(cond, key, msg):
     raise ConfigError(f'config.{key}: {msg}')
 
 
+# Keys every run reads, with the type each must have (int also accepted where float is asked).
+_TYPES = {
+    'train.num_steps': int, 'train.batch_size': int, 'train.seed': int, 'train.ema_decay': float,
+    'train.log_every': int, 'train.checkpoint_every': int, 'train.keep_checkpoints': int,
+    'train.sample_every': int, 'train.num_sample_images': int,
+    'optim.lr': float, 'optim.schedule': str, 'optim.warmup_steps': int, 'optim.b1': float,
+    'optim.b2': float, 'optim.weight_decay': float, 'optim.eps': float, 'optim.clip': str,
+    'optim.clip_value': float, 'optim.grad_accum': int,
+    'loss.w_rec': float, 'loss.w_ind': float,
+    'data.name': str, 'data.resolution': int, 'data.channels': int, 'data.num_groups': int,
+    'data.shuffle_seed': int,
+    'diffusion.schedule': str, 'diffusion.beta_start': float, 'diffusion.beta_end': float,
+    'diffusion.num_train_timesteps': int, 'diffusion.prediction_type': str,
+    'sample.sampler': str, 'sample.steps': int, 'sample.eta': float,
+}
+# Checked only when present (pixel UNet, LoRA, optional switches).
+_OPTIONAL_TYPES = {
+    'model.sample_size': int, 'model.in_channels': int, 'model.out_channels': int,
+    'model.layers_per_block': int, 'model.norm_num_groups': int, 'model.cross_attention_dim': int,
+    'model.num_class_embeds': int, 'model.dtype': str, 'model.remat': bool,
+    'lora.unet_rank': int, 'lora.unet_alpha': float, 'lora.text_rank': int,
+    'lora.text_alpha': float, 'lora.dropout': float, 'lora.train_text_encoder': bool,
+    'model.flip_sin_to_cos': bool, 'model.freq_shift': int, 'train.skip_nonfinite': bool,
+    'data.skip_bad': bool, 'latent_factor': int,
+}
+_SECTIONS = ('train', 'optim', 'loss', 'model', 'data', 'diffusion', 'sample')
+_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _lookup(config, dotted):
+  node = config
+  for part in dotted.split('.'):
+    if not hasattr(node, 'keys') or part not in node:
+      raise KeyError(dotted)
+    node = node[part]
+  return node
+
+
+def _positive_int(value):
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _check_type(key, value, kind):
+  if kind is bool:
+    ok = isinstance(value, bool)
+  elif kind is str:
+    ok = isinstance(value, str)
+  elif kind is int:
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  else:
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+  name = {int: 'an integer', float: 'a finite number', str: 'a string', bool: 'True or False'}
+  _require(ok, key, f'must be {name[kind]}, got {value!r}')
+
+
+def check_types(config):
+  """Every key a run reads exists and has the right type (a config file can set anything)."""
+  for section in _SECTIONS:
+    _require(isinstance(config.get(section), ml_collections.ConfigDict), section,
+             'missing or not a section (start from configs/digits.py)')
+  for key, kind in _TYPES.items():
+    try:
+      value = _lookup(config, key)
+    except KeyError:
+      raise ConfigError(f'config.{key}: missing (start from configs/digits.py)') from None
+    _check_type(key, value, kind)
+  for key, kind in _OPTIONAL_TYPES.items():
+    try:
+      value = _lookup(config, key)
+    except KeyError:
+      continue
+    _check_type(key, value, kind)
+
+
 def validate(config):
-  """Checks values a run cannot start with. Returns the config."""
+  """Checks types and values a run cannot start with. Returns the config."""
+  check_types(config)
   t, o, l, m, d = config.train, config.optim, config.loss, config.model, config.data
   _require(t.num_steps > 0, 'train.num_steps', f'must be positive, got {t.num_steps}')
   _require(t.batch_size > 0, 'train.batch_size', f'must be positive, got {t.batch_size}')
@@ -81,6 +179,41 @@ def validate(config):
   _require(o.clip in ('value', 'norm', 'none'), 'optim.clip',
            f'must be value, norm or none, got {o.clip!r}')
   _require(o.grad_accum >= 1, 'optim.grad_accum', f'must be >= 1, got {o.grad_accum}')
+  _require(o.warmup_steps >= 0, 'optim.warmup_steps', f'must be >= 0, got {o.warmup_steps}')
+  for key in ('b1', 'b2'):
+    _require(0.0 <= o[key] < 1.0, f'optim.{key}', f'must be in [0, 1), got {o[key]}')
+  _require(o.eps >= 0, 'optim.eps', f'must be >= 0, got {o.eps}')
+  _require(o.weight_decay >= 0, 'optim.weight_decay', f'must be >= 0, got {o.weight_decay}')
+  _require(o.clip == 'none' or o.clip_value > 0, 'optim.clip_value',
+           f'must be positive, got {o.clip_value}')
+  _require(t.sample_every == 0 or t.num_sample_images > 0, 'train.num_sample_images',
+           f'must be positive, got {t.num_sample_images}')
+  _require(d.channels in (1, 3), 'data.channels', f'must be 1 or 3, got {d.channels}')
+  df = config.diffusion
+  _require(df.num_train_timesteps > 0, 'diffusion.num_train_timesteps',
+           f'must be positive, got {df.num_train_timesteps}')
+  if df.schedule in ('linear', 'scaled_linear'):
+    _require(0.0 < df.beta_start <= df.beta_end < 1.0, 'diffusion.beta_start',
+             f'need 0 < beta_start <= beta_end < 1, got {df.beta_start}, {df.beta_end}')
+  s = config.sample
+  _require(1 <= s.steps <= df.num_train_timesteps, 'sample.steps',
+           f'must be in [1, {df.num_train_timesteps}], got {s.steps}')
+  _require(s.eta >= 0, 'sample.eta', f'must be >= 0, got {s.eta}')
+  if m.get('dtype') is not None:
+    _require(m.dtype in _DTYPES, 'model.dtype', f'must be one of {_DTYPES}, got {m.dtype!r}')
+  if 'lora' in config:
+    lc = config.lora
+    for key in ('unet_rank', 'text_rank'):
+      if key in lc:
+        _require(lc[key] >= 1, f'lora.{key}', f'must be >= 1, got {lc[key]}')
+    if 'dropout' in lc:
+      _require(0.0 <= lc.dropout < 1.0, 'lora.dropout', f'must be in [0, 1), got {lc.dropout}')
+  if 'indicator' in config:
+    hidden = config.indicator.get('hidden')
+    _require(isinstance(hidden, tuple) and all(_positive_int(h) for h in hidden),
+             'indicator.hidden', f'must be a tuple of positive integers, got {hidden!r}')
+  _require(config.get('latent_factor', 1) >= 1, 'latent_factor',
+           f'must be >= 1, got {config.get("latent_factor")}')
   _require(d.num_groups >= 2, 'data.num_groups', f'must be >= 2, got {d.num_groups}')
   _require(d.resolution > 0, 'data.resolution', f'must be positive, got {d.resolution}')
   _require(config.diffusion.schedule in SCHEDULES, 'diffusion.schedule',
@@ -94,8 +227,27 @@ def validate(config):
     _require(d.resolution % config.latent_factor == 0, 'data.resolution',
              f'{d.resolution} is not divisible by the VAE factor {config.latent_factor}')
     return config
+  for key in ('block_out_channels', 'down_block_types', 'up_block_types'):
+    _require(isinstance(m.get(key), tuple) and len(m[key]) > 0, f'model.{key}',
+             f'must be a non-empty tuple, got {m.get(key)!r}')
+  _require(all(_positive_int(c) for c in m.block_out_channels), 'model.block_out_channels',
+           f'must be positive integers, got {m.block_out_channels}')
+  from ddm_jax.models.unet import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS  # pylint: disable=import-outside-toplevel
+  for key, known in (('down_block_types', DOWN_BLOCKS), ('up_block_types', UP_BLOCKS)):
+    _require(all(b in known for b in m[key]), f'model.{key}',
+             f'{m[key]!r}: each must be one of {known}')
+  _require(m.get('mid_block_type', 'UNetMidBlock2D') in MID_BLOCKS, 'model.mid_block_type',
+           f'must be one of {MID_BLOCKS}, got {m.get("mid_block_type")!r}')
+  heads = m.get('attention_head_dim', 8)
+  _require(_positive_int(heads) or (isinstance(heads, tuple) and heads
+                                    and all(_positive_int(h) for h in heads)),
+           'model.attention_head_dim', f'must be a positive integer, got {heads!r}')
+  for key in ('cross_attention_dim', 'num_class_embeds'):
+    _require(m.get(key, 0) >= 0, f'model.{key}', f'must be >= 0, got {m.get(key)}')
   _require(len(m.down_block_types) == len(m.block_out_channels) == len(m.up_block_types),
            'model.block_out_channels', 'needs one entry per down and up block type')
+  for key in ('layers_per_block', 'norm_num_groups'):
+    _require(m[key] >= 1, f'model.{key}', f'must be >= 1, got {m[key]}')
   factor = 2 ** (len(m.block_out_channels) - 1)
   _require(d.resolution % factor == 0, 'data.resolution',
            f'{d.resolution} is not divisible by the UNet downsampling factor {factor}')

@@ -31,6 +31,7 @@ def no_network(monkeypatch):
 
 def data_cfg(**overrides):
   cfg = ml_collections.ConfigDict(digits_config.get_config().data.to_dict())
+  cfg.resolution = 16  # upsampled from the 8x8 digits: the resize path is exercised
   for key, value in overrides.items():
     cfg[key] = value
   return cfg

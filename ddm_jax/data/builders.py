@@ -144,13 +144,15 @@ class ReferenceFolderConfig(tfds.core.BuilderConfig):
   prompts_file: str = ''
   resolution: int = 512
   num_groups: int = 0  # 0: do not bound labels here (the pipeline checks them)
+  skip_bad: bool = False  # skip unreadable images (listed in the prepared folder's metadata.json)
 
 
-def reference_folder_config(image_dir, labels_file, prompts_file, resolution, num_groups=0):
+def reference_folder_config(image_dir, labels_file, prompts_file, resolution, num_groups=0,
+                            skip_bad=False):
   """A validated config named after its resolution and a fingerprint of the inputs.
 
-  The fingerprint covers paths, sizes and modification times, so editing the
-  folder or the label file prepares a fresh copy instead of reusing stale data.
+  The fingerprint covers paths, sizes and modification times (and `skip_bad`), so
+  editing the folder or the label file prepares a fresh copy instead of reusing stale data.
   """
   if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
     raise DataError(f'data.resolution must be a positive int, got {resolution!r}')
@@ -158,12 +160,13 @@ def reference_folder_config(image_dir, labels_file, prompts_file, resolution, nu
       name='pending', image_dir=os.path.abspath(os.path.expanduser(image_dir)),
       labels_file=os.path.abspath(os.path.expanduser(labels_file)),
       prompts_file=os.path.abspath(os.path.expanduser(prompts_file)) if prompts_file else '',
-      resolution=int(resolution), num_groups=int(num_groups or 0))
+      resolution=int(resolution), num_groups=int(num_groups or 0), skip_bad=bool(skip_bad))
   files, _, _ = read_reference(config)  # fail now, not in the middle of preparing
   watched = [os.path.join(config.image_dir, f) for f in files] + [config.labels_file]
   watched += [config.prompts_file] if config.prompts_file else []
   stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in watched]
-  digest = hashlib.sha1(json.dumps([config.resolution, stats]).encode()).hexdigest()[:12]
+  key = [config.resolution, stats] + ([True] if config.skip_bad else [])
+  digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
   return dataclasses.replace(config, name=f'r{config.resolution}_{digest}',
                              description=f'images in {config.image_dir}')
 
@@ -192,13 +195,38 @@ def read_reference(config):
 
 
 def load_rgb(path, resolution):
-  """An image file as uint8 [R,R,3]: RGB, shorter side resized to R (bilinear), centre-cropped."""
+  """An image file as uint8 [R,R,3]: RGB, shorter side resized to R (bilinear), centre-cropped.
+
+  Grayscale, palette, alpha and CMYK images are converted to RGB, 16-bit ones scaled
+  to 8 bits; an unreadable, truncated or empty file is a DataError naming it."""
   try:
     with Image.open(path) as image:
-      image = image.convert('RGB')
-  except (UnidentifiedImageError, OSError) as e:
-    raise DataError(f'cannot read image {path}: {e}') from None
+      image = _to_rgb(image, path)
+  except DataError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except -- PIL raises many types on bad files
+    reason = ' '.join(str(e).split()) or type(e).__name__
+    if isinstance(e, UnidentifiedImageError) or os.path.getsize(path) == 0:
+      reason = 'not an image file' + (' (0 bytes)' if os.path.getsize(path) == 0 else '')
+    raise DataError(f'cannot read image {path}: {reason}') from None
   return np.asarray(resize_square(image, resolution))
+
+
+def _to_rgb(image, path):
+  """PIL image -> RGB. 16-bit (I;16*) is scaled by 1/257; 32-bit integer images
+  must hold 8- or 16-bit values; float images have no defined range and are refused."""
+  mode = image.mode
+  if mode.startswith('I;16') or mode == 'I':
+    array = np.asarray(image).astype(np.int64)
+    top = 255 if mode == 'I' and array.size and 0 <= array.min() and array.max() <= 255 else 65535
+    if array.size and (array.min() < 0 or array.max() > top):
+      raise DataError(f'cannot read image {path}: mode {mode} values {array.min()}..{array.max()} '
+                      'are outside 0..65535; save it as 8- or 16-bit')
+    return Image.fromarray(np.round(array * (255.0 / top)).astype(np.uint8), 'L').convert('RGB')
+  if mode == 'F':
+    raise DataError(f'cannot read image {path}: floating-point image (mode F) has no defined '
+                    'value range; save it as 8- or 16-bit')
+  return image.convert('RGB')
 
 
 def resize_square(image, resolution):
@@ -231,7 +259,8 @@ class ReferenceFolder(tfds.core.GeneratorBasedBuilder):
             'filename': tfds.features.Text(),
         }),
         supervised_keys=('image', 'label'),
-        disable_shuffling=True,  # record i is the i-th file in sorted order
+        disable_shuffling=True,  # record i is the i-th readable file in sorted order
+        metadata=tfds.core.MetadataDict(),  # 'skipped_images': [{file, error}] (skip_bad)
     )
 
   def _split_generators(self, dl_manager):
@@ -239,7 +268,19 @@ class ReferenceFolder(tfds.core.GeneratorBasedBuilder):
     return {'train': self._generate_examples(*read_reference(self.builder_config))}
 
   def _generate_examples(self, files, labels, prompts):
+    """With `skip_bad`, an unreadable image is left out together with its label and
+    prompt, and listed in the data set's metadata.json (`skipped_images`)."""
     config = self.builder_config
+    skipped = self.info.metadata.setdefault('skipped_images', [])
     for i, (name, label, prompt) in enumerate(zip(files, labels, prompts)):
-      image = load_rgb(os.path.join(config.image_dir, name), config.resolution)
+      try:
+        image = load_rgb(os.path.join(config.image_dir, name), config.resolution)
+      except DataError as e:
+        if not config.skip_bad:
+          raise DataError(f'{e} (set data.skip_bad=True to skip unreadable images)') from None
+        skipped.append({'file': name, 'error': str(e)})
+        continue
       yield i, {'image': image, 'label': label, 'prompt': prompt, 'filename': name}
+    if len(skipped) == len(files):
+      raise DataError(f'none of the {len(files)} images in {config.image_dir} is readable, '
+                      f'e.g. {skipped[0]["error"]}')

@@ -7,6 +7,7 @@ without network retries for minutes).
 """
 import functools
 import os
+import sys
 
 import grain
 import numpy as np
@@ -21,6 +22,7 @@ DEFAULT_DATA_DIR = os.path.expanduser('~/.cache/ddm_jax/data')
 EMBEDDED = ('biased_digits', 'reference_folder')
 _SELECTION_CACHE = {}  # filtered (indices, labels) per data set/split/selection
 _BUILDERS = {}  # our own builders, per class/config/data_dir
+_REPORTED = set()  # metadata.json files whose skipped images were reported
 
 
 def resolve_data_dir(data_cfg, workdir=None):
@@ -39,6 +41,7 @@ def prepare(data_cfg, data_dir):
   builder = make_builder(data_cfg, data_dir)
   if builder.is_prepared():
     _check_file_format(builder, data_dir)
+    _report_skipped(builder)
     return builder
   name = _get(data_cfg, 'name')
   if name not in EMBEDDED:
@@ -48,7 +51,25 @@ def prepare(data_cfg, data_dir):
   os.makedirs(data_dir, exist_ok=True)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  _report_skipped(builder)
   return builder
+
+
+def skipped_images(builder):
+  """[{'file', 'error'}] of the images `data.skip_bad` left out when `builder` was prepared."""
+  metadata = getattr(builder.info, 'metadata', None)
+  return list((metadata or {}).get('skipped_images', []))
+
+
+def _report_skipped(builder):
+  """One warning per prepared data set and process."""
+  skipped = skipped_images(builder)
+  report = os.path.join(os.fspath(builder.data_path), 'metadata.json')
+  if skipped and report not in _REPORTED:
+    _REPORTED.add(report)
+    print(f'warning: data.skip_bad left out {len(skipped)} unreadable image(s) of '
+          f'{builder.builder_config.image_dir}, e.g. {skipped[0]["file"]}; all are listed in '
+          f'{report} (skipped_images)', file=sys.stderr, flush=True)
 
 
 def make_builder(data_cfg, data_dir):
@@ -66,7 +87,7 @@ def make_builder(data_cfg, data_dir):
     config = builders.reference_folder_config(
         _require(data_cfg, 'image_dir'), _require(data_cfg, 'labels_file'),
         _get(data_cfg, 'prompts_file', ''), _get(data_cfg, 'resolution'),
-        _get(data_cfg, 'num_groups', 0))
+        _get(data_cfg, 'num_groups', 0), _get(data_cfg, 'skip_bad', False))
     return _embedded_builder(builders.ReferenceFolder, config, data_dir)
   if not os.path.isdir(data_dir):
     raise DataError(f'data dir {data_dir} for data set {name!r} does not exist; '

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddm_jax.errors import ConfigError, DataError
+from ddm_jax.errors import ConfigError
 from ddm_jax.evaluation import fairness, quality
 
 DEFAULT_CACHE = os.path.expanduser('~/.cache/ddm_jax/evaluators')
@@ -64,6 +64,7 @@ class EvalSettings:
   guidance: str = 'none'                  # 'none' | 'indicator'
   guidance_scale: float = 0.0
   grad_clip: Optional[float] = None
+  guidance_path: str = 'unet'             # 'unet' | 'x0' (ddm_jax.guidance.make_indicator_guidance)
   use_ema: bool = True
 
   def validate(self):
@@ -76,8 +77,10 @@ class EvalSettings:
     if self.guidance not in ('none', 'indicator'):
       raise ConfigError(f"guidance must be 'none' or 'indicator', got {self.guidance!r}")
     if self.guidance == 'indicator':
-      from ddm_jax.guidance import check_scale  # pylint: disable=import-outside-toplevel
+      from ddm_jax.guidance import PATHS, check_scale  # pylint: disable=import-outside-toplevel
       check_scale(self.guidance_scale)
+      if self.guidance_path not in PATHS:
+        raise ConfigError(f'guidance_path must be one of {PATHS}, got {self.guidance_path!r}')
     return self
 
 
@@ -180,18 +183,19 @@ class EvalContext:
 _GENERATORS = {}
 
 
-def get_generator(config, ddm, mesh, sampler, steps, eta, guided, grad_clip=None):
+def get_generator(config, ddm, mesh, sampler, steps, eta, guided, grad_clip=None, path='unet'):
   """One compiled sampler per (architecture, sampler settings, guided) in this process:
   every model of a sweep with the same architecture reuses it (params are arguments)."""
-  from ddm_jax.guidance import make_indicator_guidance  # pylint: disable=import-outside-toplevel
+  from ddm_jax.guidance import make_guided_generator  # pylint: disable=import-outside-toplevel
   from ddm_jax.sampling import make_generator  # pylint: disable=import-outside-toplevel
   from ddm_jax.training.loop import sampler_extra  # pylint: disable=import-outside-toplevel
   key = (_arch_key(config), sampler, int(steps), float(eta), bool(guided), grad_clip,
-         tuple(mesh.devices.flat))
+         path if guided else None, tuple(mesh.devices.flat))
   if key not in _GENERATORS:
-    hook = make_indicator_guidance(ddm, grad_clip) if guided else None
-    _GENERATORS[key] = make_generator(ddm, mesh, sampler, steps, eta, guidance=hook,
-                                      **sampler_extra(ddm))
+    if guided:
+      _GENERATORS[key] = make_guided_generator(ddm, mesh, sampler, steps, eta, grad_clip, path)
+    else:
+      _GENERATORS[key] = make_generator(ddm, mesh, sampler, steps, eta, **sampler_extra(ddm))
   return _GENERATORS[key]
 
 
@@ -229,7 +233,8 @@ def sample(config, ddm, params, frozen, mesh, settings, target, guidance_scale=N
     # The same assignment as the condition when both are used: guide toward the asked group.
     guide_labels = cond if cond is not None else stratified_groups(n, target, bs, settings.seed + 1)
     guide = make_guide(guide_labels, scale)
-  gen = get_generator(config, ddm, mesh, sampler, steps, eta, guided, settings.grad_clip)
+  gen = get_generator(config, ddm, mesh, sampler, steps, eta, guided, settings.grad_clip,
+                      settings.guidance_path)
   images = generate(gen, params, frozen, n, jax.random.key(settings.seed), bs,
                     class_labels=cond, progress=progress, guide=guide)
   return images, cond, guide_labels
@@ -346,7 +351,8 @@ def render_markdown(report):
            f"checkpoint step {report['checkpoint_step']}, {f['n']} samples, seed {report['seed']}, "
            f"sampler {report['sampling']['sampler']} ({report['sampling']['steps']} steps), "
            f"guidance {report['sampling']['guidance']}"
-           + (f" (scale {report['sampling']['guidance_scale']:g})"
+           + (f" (scale {report['sampling']['guidance_scale']:g}, gradient path "
+              f"{report['sampling'].get('guidance_path', 'unet')})"
               if report['sampling']['guidance'] != 'none' else ''), '',
            f"Evaluator: held-out accuracy {ev['heldout_accuracy']:.4f} on {ev['n_heldout']} images "
            f"of split `{ev['heldout_split']}` (floor {ev['floor']:.2f}); per group "
@@ -436,7 +442,8 @@ def evaluate_loaded(workdir, loaded, settings, ctx=None, out_dir=None, progress=
             'settings': dataclasses.asdict(settings),
             'sampling': {'sampler': sampler, 'steps': steps, 'eta': eta,
                          'guidance': settings.guidance,
-                         'guidance_scale': settings.guidance_scale, 'ema': settings.use_ema,
+                         'guidance_scale': settings.guidance_scale,
+                         'guidance_path': settings.guidance_path, 'ema': settings.use_ema,
                          'seconds': t_sample},
             'data': ctx.describe(), **scores, 'config': config_to_json(config)}
   if with_indicator:
@@ -451,7 +458,8 @@ def evaluate_loaded(workdir, loaded, settings, ctx=None, out_dir=None, progress=
 def default_out_dir(workdir, settings):
   out = os.path.join(workdir, 'eval')
   if settings.guidance == 'indicator':
-    out = os.path.join(out, f'indicator_s{settings.guidance_scale:g}')
+    tag = '' if settings.guidance_path == 'unet' else f'_{settings.guidance_path}'
+    out = os.path.join(out, f'indicator{tag}_s{settings.guidance_scale:g}')
   return out
 
 
@@ -495,6 +503,8 @@ def _parse_args(argv):
   p.add_argument('--guidance', default='none', choices=('none', 'indicator'))
   p.add_argument('--guidance_scale', type=float, default=0.0)
   p.add_argument('--grad_clip', type=float, default=None)
+  p.add_argument('--guidance_path', default='unet', choices=('unet', 'x0'),
+                 help='gradient through the whole UNet (unet) or only its x0 estimate (x0)')
   p.add_argument('--no_ema', action='store_true')
   p.add_argument('--out_dir', default=None, help='default <workdir>/eval[/indicator_s<S>]')
   p.add_argument('--no_progress', action='store_true')
@@ -515,7 +525,8 @@ def _main(argv):
       evaluator_split=args.evaluator_split, heldout_split=args.heldout_split,
       reference_splits=args.reference_splits.split(',') if args.reference_splits else None,
       evaluator_steps=args.evaluator_steps, cache_dir=args.cache_dir, guidance=args.guidance,
-      guidance_scale=args.guidance_scale, grad_clip=args.grad_clip, use_ema=not args.no_ema)
+      guidance_scale=args.guidance_scale, grad_clip=args.grad_clip,
+      guidance_path=args.guidance_path, use_ema=not args.no_ema)
   report, out_dir = evaluate_workdir(args.workdir, settings, args.out_dir,
                                      progress=not args.no_progress)
   f, q = report['fairness'], report['quality']

@@ -4,16 +4,75 @@ Submodule names mirror diffusers' PyTorch attribute paths with `.N` written as
 `_N` (`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`),
 so converting a diffusers state dict is a mechanical renaming (interop/diffusers.py).
 """
+import os
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 def group_norm(num_groups, eps, name, dtype):
   return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, name=name)
+
+
+# On CPU, 3x3 convolutions on at most this many pixels (4x4) run as im2col + matmul.
+IM2COL_MAX_PIXELS = 16
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated`, except on CPU for a 1x1 convolution, or an NHWC input of at
+  most 4x4 pixels or spatially smaller than its kernel (the low levels of a UNet on small
+  latents): that is computed as one matmul over the kernel taps that touch the input
+  (im2col; a 1x1 convolution is a plain matmul), the same sum.
+
+  Why (BENCHMARKS.md): XLA's ConvOperandSwapper swaps the operands of a convolution whose
+  kernel is larger than its input, and the swapped convolution has no fast CPU kernel
+  (0.1-1 GFLOP/s; half of the `small` train step); and at 4x4 and below the input-gradient
+  convolution reverses and transposes the whole kernel every step (a 1x1 convolution's
+  at any size). The matmul reads the HWIO kernel as a [taps*C, O] matrix without a copy;
+  taps that only ever see padding are dropped, so a 1x1 input reads only the kernel's
+  centre. Other backends and other convolutions go to `lax.conv_general_dilated` as before."""
+  spatial = lhs.shape[1:-1]
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
+           and all(d == 1 for d in tuple(lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
+           and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                               ('NHWC', 'HWIO', 'NHWC')))
+  pointwise = rhs.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1) and padding in (
+      'VALID', 'SAME', ((0, 0), (0, 0)), [(0, 0), (0, 0)])
+  small = (pointwise or any(s < k for s, k in zip(spatial, rhs.shape[:2]))
+           or spatial[0] * spatial[1] <= IM2COL_MAX_PIXELS) if plain else False
+  if not (small and jax.default_backend() == 'cpu'):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, precision=precision,
+                                    **kwargs)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(spatial, rhs.shape[:2], window_strides, padding)
+  (plh, phh), (plw, phw) = padding
+  (sh, sw), (h, w), (kh, kw, c, o) = window_strides, spatial, rhs.shape
+  oh, ow = (h + plh + phh - kh) // sh + 1, (w + plw + phw - kw) // sw + 1
+  xp = jnp.pad(lhs, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
+  touches = lambda tap, stride, pad, size, n: any(0 <= tap + stride * q - pad < size
+                                                  for q in range(n))
+  taps = [(i, j) for i in range(kh) for j in range(kw)
+          if touches(i, sh, plh, h, oh) and touches(j, sw, plw, w, ow)]
+  patches = [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (oh - 1) + 1,
+                                          j + sw * (ow - 1) + 1, c), (1, sh, sw, 1))
+             for i, j in taps]
+  x = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
+  if len(taps) == kh * kw:
+    k = rhs.reshape(kh * kw * c, o)        # (i, j, c) order, as the patches: no copy
+  else:
+    k = jnp.concatenate([rhs[i, j] for i, j in taps], axis=0)
+  return lax.dot_general(x, k, (((3,), (0,)), ((), ())), precision=precision)
+
+
+def Conv(*args, **kwargs):  # pylint: disable=invalid-name
+  """nn.Conv (same params, same names) with the small-input path above."""
+  return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
 class Downsample2D(nn.Module):
@@ -29,8 +88,8 @@ class Downsample2D(nn.Module):
       pad = 'VALID'
     else:
       pad = ((self.padding, self.padding),) * 2
-    return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=pad,
-                   dtype=self.dtype, name='conv')(x)
+    return Conv(self.out_channels, (3, 3), strides=(2, 2), padding=pad,
+                dtype=self.dtype, name='conv')(x)
 
 
 def nearest_resize(x, size):
@@ -53,8 +112,8 @@ class Upsample2D(nn.Module):
   @nn.compact
   def __call__(self, x, size=None):
     x = nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2]))
-    return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                   name='conv')(x)
+    return Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                name='conv')(x)
 
 
 class ResnetBlock2D(nn.Module):
@@ -69,17 +128,17 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x, temb=None, deterministic=True):
     h = nn.swish(group_norm(self.groups, self.eps, 'norm1', self.dtype)(x))
-    h = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                name='conv1')(h)
+    h = Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+             name='conv1')(h)
     if self.use_time_emb and temb is not None:
       t = nn.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(nn.swish(temb))
       h = h + t[:, None, None, :]
     h = nn.swish(group_norm(self.groups, self.eps, 'norm2', self.dtype)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                name='conv2')(h)
+    h = Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+             name='conv2')(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name='conv_shortcut')(x)
+      x = Conv(self.out_channels, (1, 1), dtype=self.dtype, name='conv_shortcut')(x)
     return x + h
 
 
@@ -92,8 +151,25 @@ def attention(q, k, v, heads, upcast=False):
   out_dtype = v.dtype
   if upcast:  # SD 2.x's upcast_attention: softmax(QK^T) in float32
     q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-  out = jax.nn.dot_product_attention(q, k, v, scale=dim ** -0.5)
+  out = _dot_product_attention(q, k, v, dim ** -0.5)
   return out.astype(out_dtype).reshape(b, tq, inner)
+
+
+# The attention kernel: 'xla' (the default), 'cudnn' (cuDNN flash attention; GPU, bf16/fp16
+# only) or 'auto' (cuDNN where jax accepts the shapes and dtypes, else XLA). Read from
+# $DDM_JAX_ATTENTION at import; the GPU benchmark (benchmarks/gpu.sh) compares them.
+ATTENTION = os.environ.get('DDM_JAX_ATTENTION', 'xla')
+
+
+def _dot_product_attention(q, k, v, scale):
+  if (ATTENTION in ('cudnn', 'auto') and jax.default_backend() == 'gpu'
+      and q.dtype in (jnp.bfloat16, jnp.float16)):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
+    except (NotImplementedError, ValueError):   # shapes/dtypes cuDNN does not take
+      if ATTENTION == 'cudnn':
+        raise
+  return jax.nn.dot_product_attention(q, k, v, scale=scale)
 
 
 class Attention(nn.Module):
@@ -188,14 +264,14 @@ class Transformer2DModel(nn.Module):
     if self.use_linear_projection:
       x = nn.Dense(inner, dtype=self.dtype, name='proj_in')(x.reshape(b, h * w, c))
     else:
-      x = nn.Conv(inner, (1, 1), dtype=self.dtype, name='proj_in')(x).reshape(b, h * w, inner)
+      x = Conv(inner, (1, 1), dtype=self.dtype, name='proj_in')(x).reshape(b, h * w, inner)
     for i in range(self.num_layers):
       x = BasicTransformerBlock(inner, self.heads, self.dim_head, self.only_cross_attention,
                                 self.upcast, dtype=self.dtype, name=f'transformer_blocks_{i}')(x, context)
     if self.use_linear_projection:
       x = nn.Dense(c, dtype=self.dtype, name='proj_out')(x).reshape(b, h, w, c)
     else:
-      x = nn.Conv(c, (1, 1), dtype=self.dtype, name='proj_out')(x.reshape(b, h, w, inner))
+      x = Conv(c, (1, 1), dtype=self.dtype, name='proj_out')(x.reshape(b, h, w, inner))
     return x + residual
 
 

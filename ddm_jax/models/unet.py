@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddm_jax.models.blocks import (Downsample2D, UNetMidBlock2D, Upsample2D,
+from ddm_jax.models.blocks import (Conv, Downsample2D, UNetMidBlock2D, Upsample2D,
                                    run_resnets_and_attentions)
 
 _ATTN = {'DownBlock2D': None, 'AttnDownBlock2D': 'self', 'CrossAttnDownBlock2D': 'cross',
@@ -130,7 +130,7 @@ class UNet2DConditionModel(nn.Module):
     x = sample.astype(self.dtype)
     if context is not None:
       context = context.astype(self.dtype)
-    x = nn.Conv(boc[0], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name='conv_in')(x)
+    x = Conv(boc[0], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name='conv_in')(x)
     skips = [x]
     for i, kind in enumerate(self.down_block_types):
       x, outs = block_cls(kind, boc[i], layers[i], head_dims[i], heads[i], i < n - 1,
@@ -163,8 +163,8 @@ class UNet2DConditionModel(nn.Module):
 
     x = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype,
                      name='conv_norm_out')(x)
-    x = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                name='conv_out')(nn.swish(x))
+    x = Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+             name='conv_out')(nn.swish(x))
     return x.astype(jnp.float32)
 
 

@@ -2,12 +2,20 @@
 
 Orbax writes each step into a temporary folder and renames it on commit, so a
 run killed mid-write never leaves a checkpoint that `latest_step` would pick up.
+Each checkpoint also carries sha256 checksums of its state, data position and
+config (item `checksums`), computed from the values in memory when it is saved:
+a restore that reads back anything else (a truncated or edited file) is refused,
+and `restore_latest` moves that checkpoint aside and falls back to the previous one.
 """
+import hashlib
 import json
 import os
+import sys
+import tempfile
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ddm_jax.errors import CheckpointError, ConfigError
@@ -38,14 +46,46 @@ def config_to_json(config):
   return json.loads(json.dumps(config.to_dict() if hasattr(config, 'to_dict') else config))
 
 
+def _one_line(error, limit=400):
+  """The error on one line; a long one keeps its head and its tail (where the OS reason is)."""
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else f'{text[:limit // 2]} ... {text[-limit // 2:]}'
+
+
+def _local(leaf):
+  """A replicated (possibly multi-host) array's copy on this process."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return leaf.addressable_data(0)
+  return leaf
+
+
+def state_digest(state):
+  """sha256 over every leaf's path, dtype, shape and bytes (one device-to-host copy)."""
+  items = jax.tree_util.tree_leaves_with_path(state)
+  arrays = jax.device_get([_local(leaf) for _, leaf in items])
+  h = hashlib.sha256()
+  for (path, _), array in zip(items, arrays):
+    array = np.ascontiguousarray(array)
+    h.update(f'{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}\n'.encode())
+    h.update(array.tobytes())
+  return h.hexdigest()
+
+
+def json_digest(obj):
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 class Checkpointer:
   def __init__(self, workdir, keep=3, async_save=True):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.corrupt_directory = os.path.abspath(os.path.join(workdir, 'corrupt_checkpoints'))
+    self._pending = None  # step of the last save whose completion was not yet checked
     try:
       self.manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save))
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True))
     except OSError as e:
       raise CheckpointError(f'cannot create checkpoint directory {self.directory}: {e}') from e
 
@@ -55,41 +95,144 @@ class Checkpointer:
   def all_steps(self):
     return list(self.manager.all_steps())
 
+  def check_writable(self):
+    """CheckpointError at once if the folder refuses a new file (read-only, no space, ...):
+    orbax would only time out minutes later in its background thread."""
+    try:
+      fd, probe = tempfile.mkstemp(prefix='.write_probe_', dir=self.directory)
+      os.close(fd)
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointError(f'checkpoint directory {self.directory} is not writable: '
+                            f'{_one_line(e)}') from e
+
   def save(self, step, state, config, iterator_state=None, force=False):
-    args = {'state': ocp.args.StandardSave(state),
-            'config': ocp.args.JsonSave(config_to_json(config))}
+    self.wait()  # a failed earlier (async) write stops the run here, naming its step
+    self.check_writable()
+    config_json = config_to_json(config)
+    checksums = {'state': state_digest(state), 'config': json_digest(config_json)}
+    args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config_json)}
     if iterator_state is not None:
       args['data'] = grain.checkpoint.CheckpointSave(_IteratorState(iterator_state))
+      checksums['data'] = json_digest(iterator_state)
+    args['checksums'] = ocp.args.JsonSave(checksums)
+    self._pending = int(step)
     try:
       return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
     except Exception as e:  # disk full, read-only, ... : stop with the reason, keep older ones
-      raise CheckpointError(f'writing checkpoint {step} to {self.directory} failed: {e}') from e
+      self._pending = None
+      raise CheckpointError(f'writing checkpoint {step} to {self.directory} failed: '
+                            f'{_one_line(e)}') from e
 
   def wait(self):
+    """Blocks until the last save is written; CheckpointError if it failed."""
+    step, self._pending = self._pending, None
     try:
       self.manager.wait_until_finished()
+      self.manager.check_for_errors()
     except Exception as e:
-      raise CheckpointError(f'writing a checkpoint to {self.directory} failed: {e}') from e
+      raise CheckpointError(f'writing checkpoint {step} to {self.directory} failed: '
+                            f'{_one_line(e)}') from e
+    if step is not None and jax.process_index() == 0 and not os.path.isdir(
+        os.path.join(self.directory, str(step))):
+      raise CheckpointError(f'writing checkpoint {step} to {self.directory} failed '
+                            '(not committed; see the log above)')
+
+  def check(self):
+    """Non-blocking: raises CheckpointError if a finished background write failed."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def read_config(self, step=None):
     step = self.latest_step() if step is None else step
     path = os.path.join(self.directory, str(step), 'config', 'metadata')
     try:
       with open(path) as f:
-        return json.load(f)
+        saved = json.load(f)
+      if not isinstance(saved, dict):
+        raise ValueError(f'expected a JSON object, got {type(saved).__name__}')
+      return saved
     except (OSError, ValueError) as e:
-      raise CheckpointError(f'cannot read the config of checkpoint {step} ({path}): {e}') from e
+      raise CheckpointError(f'checkpoint {os.path.join(self.directory, str(step))} is damaged: '
+                            f'cannot read its config ({path}): {_one_line(e)}') from e
 
   def restore(self, step, abstract_state, with_data=True):
-    """-> (state, iterator_state or None)."""
+    """-> (state, iterator_state or None), checked against the checkpoint's checksums."""
+    where = os.path.join(self.directory, str(step))
+    has_sums = os.path.isdir(os.path.join(where, 'checksums'))
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if with_data:
       args['data'] = grain.checkpoint.CheckpointRestore(_IteratorState())
+    if has_sums:
+      args['checksums'] = ocp.args.JsonRestore()
     try:
       out = self.manager.restore(int(step), args=ocp.args.Composite(**args))
     except Exception as e:
-      raise CheckpointError(f'cannot restore checkpoint {step} from {self.directory}: {e}') from e
-    return out['state'], (out['data'].state if with_data else None)
+      raise CheckpointError(f'checkpoint {where} is damaged, restoring it failed: '
+                            f'{_one_line(e, 240)}') from e
+    state, it_state = out['state'], (out['data'].state if with_data else None)
+    if not has_sums:  # written before checksums existed
+      print(f'warning: checkpoint {where} has no checksums; restored unverified', file=sys.stderr)
+      return state, it_state
+    sums = out['checksums'] if isinstance(out['checksums'], dict) else {}
+    checks = [('state', lambda: state_digest(state)),
+              ('config', lambda: json_digest(self.read_config(step)))]
+    if with_data and 'data' in sums:
+      checks.append(('data', lambda: json_digest(it_state)))
+    for item, digest in checks:
+      if sums.get(item) != digest():
+        raise CheckpointError(f'checkpoint {where} is corrupt: its {item} does not match the '
+                              'checksum written with it (truncated or modified files)')
+    return state, it_state
+
+  def restore_latest(self, abstract_state, check_config=None, with_data=True):
+    """-> (step, state, iterator_state) of the newest intact checkpoint; (None, None, None)
+    when there is none. `check_config(saved_config)` may refuse a checkpoint (ConfigError).
+
+    A checkpoint that cannot be restored or fails its checksums is moved to
+    `corrupt_checkpoints/` (with a warning naming it) and the next older one is tried.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        saved = self.read_config(step)
+        if check_config is not None:
+          check_config(saved)
+        state, it_state = self.restore(step, abstract_state, with_data)
+      except CheckpointError as e:
+        damaged.append(step)
+        moved = self._quarantine(step)
+        print(f'warning: {e}; moved it to {moved} and trying the previous checkpoint',
+              file=sys.stderr, flush=True)
+        continue
+      if damaged:
+        print(f'warning: resuming from checkpoint {step} instead of damaged '
+              f'{", ".join(map(str, damaged))}', file=sys.stderr, flush=True)
+      return step, state, it_state
+    if damaged:
+      raise CheckpointError(
+          f'every checkpoint in {self.directory} is damaged (steps {damaged}, moved to '
+          f'{self.corrupt_directory}); nothing to resume from: run again to start from step 0')
+    return None, None, None
+
+  def _quarantine(self, step):
+    """Moves checkpoint `step` out of the manager's folder; returns where it went."""
+    target = os.path.join(self.corrupt_directory, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(self.corrupt_directory, exist_ok=True)
+      n = 1
+      while os.path.exists(target):
+        target, n = os.path.join(self.corrupt_directory, f'{step}.{n}'), n + 1
+      try:
+        os.replace(os.path.join(self.directory, str(step)), target)
+      except OSError as e:
+        raise CheckpointError(f'checkpoint {step} in {self.directory} is damaged and cannot be '
+                              f'moved aside ({_one_line(e)}); remove it by hand') from e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f'quarantined checkpoint {step}')
+    self.manager.reload()
+    return target
 
   def close(self):
     self.manager.close()

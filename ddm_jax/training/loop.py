@@ -95,12 +95,13 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
   state_sh = _replicate_tree(abstract, repl)
 
   ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  start = ckpt.latest_step()
+  ckpt.check_writable()  # fail now, not at the first checkpoint hours later
+  target = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  # The newest checkpoint that restores and matches its checksums; damaged ones are moved aside.
+  start, state, it_state = ckpt.restore_latest(
+      target, check_config=lambda saved: check_compatible(saved, config, workdir))
   if start is not None:
-    check_compatible(ckpt.read_config(start), config, workdir)
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    state, it_state = ckpt.restore(start, target)
     iterator.set_state(it_state)
     if is_main:
       print(f'resumed from {ckpt.directory}/{start}', flush=True)
@@ -149,6 +150,7 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
                          ind=f"{m['loss_ind']:.3f}", acc=f"{m['indicator_acc']:.2f}",
                          it_s=f"{m['steps_per_sec']:.1f}")
         check_finite()
+        ckpt.check()  # a failed background checkpoint write stops the run here
       if config.train.sample_every and step % config.train.sample_every == 0:
         if sample_gen is None:
           sample_gen = make_generator(ddm, mesh, config.sample.sampler, config.sample.steps,

@@ -23,16 +23,19 @@ def make_train_step(ddm, config, tx):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics['grad_norm'] = optax.global_norm(grads)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        ema_params=ema_update(state.ema_params, params, decay, state.step))
+
+    def update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return state.replace(params=params, opt_state=opt_state,
+                           ema_params=ema_update(state.ema_params, params, decay, state.step))
+
     # A non-finite step changes nothing but the step and the counters, so no NaN
     # ever reaches the parameters (or a checkpoint); the loop decides to stop or go on.
-    keep = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(finite, x, y), a, b)
-    new = new.replace(params=keep(new.params, state.params),
-                      opt_state=keep(new.opt_state, state.opt_state),
-                      ema_params=keep(new.ema_params, state.ema_params),
+    # lax.cond, not a jnp.where over the state: the update then writes the donated
+    # buffers in place (the where made XLA copy every optimizer buffer each step).
+    new = jax.lax.cond(finite, update, lambda state: state, state)
+    new = new.replace(step=state.step + 1,
                       nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
                       first_nonfinite_step=jnp.where(
                           (~finite) & (state.first_nonfinite_step < 0), state.step,

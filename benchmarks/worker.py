@@ -1,0 +1,178 @@
+"""One measurement in its own process: one framework, one preset (or the matmul peak).
+
+python -m benchmarks.worker {jax,torch} PRESET_SPEC [--allow-cpu]
+python -m benchmarks.worker {peak-jax,peak-torch}
+
+Prints one line `BENCH_RESULT {json}` (benchmarks/run.py reads it). A process imports
+only its own framework. Timed: `preset.steps` steps (or sampling runs) after
+compilation and `preset.warmup` untimed steps; each timed step ends with the loss
+(or the samples) on the host, as the reference loop's `loss.item()` does.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import metrics  # noqa: E402
+from benchmarks.presets import parse_preset  # noqa: E402
+
+MARK = 'BENCH_RESULT '
+
+
+def _rss_mib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _base(framework, preset=None):
+  out = {'framework': framework, 'pid': os.getpid(), 'python': platform.python_version(),
+         'load_start': os.getloadavg()[0]}
+  if preset is not None:
+    out.update(preset.describe())
+  return out
+
+
+def _timed(fn, n):
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def run_jax(preset, allow_cpu):
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import jax_side  # pylint: disable=import-outside-toplevel
+  out = _base('jax', preset)
+  from ddm_jax.models import blocks  # pylint: disable=import-outside-toplevel
+  out.update(jax_version=jax.__version__, backend=jax.default_backend(),
+             device=jax.devices()[0].device_kind, devices=jax.device_count(),
+             attention=blocks.ATTENTION, jax_cache=bool(os.environ.get('JAX_COMPILATION_CACHE_DIR')))
+  if preset.accelerator and jax.default_backend() == 'cpu' and not allow_cpu:
+    return {**out, 'skipped': 'no accelerator (preset is for a GPU; --allow-cpu forces it)'}
+  t0 = time.perf_counter()
+  if preset.kind == 'train':
+    bench = jax_side.TrainStep(preset)
+    out['trainable_params'] = bench.trainable_count()
+  else:
+    bench = jax_side.Sampler(preset)
+  out['build_s'] = time.perf_counter() - t0
+  out['compile_s'] = bench.compile()
+  flops = metrics.xla_flops(bench.compiled)
+  if preset.kind == 'train':
+    out['flops'] = flops
+    losses = []
+    one = lambda: losses.append(float(bench.step()['loss']))
+  else:
+    out['flops_program'] = flops
+    out['flops'] = metrics.scan_flops(flops, preset.sample_steps)
+    one = lambda: np.asarray(bench.run())
+  warm = _timed(one, preset.warmup)
+  times = _timed(one, preset.steps)
+  if preset.kind == 'train':
+    jax.block_until_ready(bench.state)
+    out['loss_first'], out['loss_last'] = losses[0], losses[-1]
+  out.update(first_call_s=warm[0], warmup_s=warm, step_s=times)
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    out['device_peak_mib'] = stats['peak_bytes_in_use'] / 2 ** 20
+  return out
+
+
+def run_torch(preset, allow_cpu):
+  import torch  # pylint: disable=import-outside-toplevel
+  from benchmarks import torch_ref  # pylint: disable=import-outside-toplevel
+  out = _base('torch', preset)
+  device = torch_ref.device_of(preset)
+  out.update(torch_version=torch.__version__, device=device.type, threads=torch.get_num_threads())
+  if device.type == 'cuda':
+    out['device'] = torch.cuda.get_device_name()
+  if preset.accelerator and device.type == 'cpu' and not allow_cpu:
+    return {**out, 'skipped': 'no accelerator (preset is for a GPU; --allow-cpu forces it)'}
+  import diffusers  # pylint: disable=import-outside-toplevel
+  out['diffusers_version'] = diffusers.__version__
+  t0 = time.perf_counter()
+  if preset.kind == 'train':
+    bench = torch_ref.TrainStep(preset, device)
+    out['trainable_params'] = bench.trainable_count()
+    import peft  # pylint: disable=import-outside-toplevel
+    out['peft_version'] = peft.__version__ if preset.lora else None
+  else:
+    bench = torch_ref.Sampler(preset, device)
+  out['build_s'] = time.perf_counter() - t0
+  out['attention_processors'] = torch_ref.attention_processors(bench.unet)
+  out['sdpa'] = all(p == 'AttnProcessor2_0' for p in out['attention_processors'])
+  out['channels_last'] = False
+  out['autocast_bf16'] = preset.dtype == 'bfloat16' and preset.kind == 'train'
+  if preset.kind == 'train':
+    losses = []
+    one = lambda: losses.append(float(bench.step()))    # float(): the reference's loss.item()
+  else:
+    def one():
+      x = bench.run()
+      bench.sync()
+      x.float().cpu()
+  warm = _timed(one, preset.warmup)
+  times = _timed(one, preset.steps)
+  if preset.kind == 'train':
+    out['loss_first'], out['loss_last'] = losses[0], losses[-1]
+  out.update(first_call_s=warm[0], warmup_s=warm, step_s=times)
+  if device.type == 'cuda':
+    out['device_peak_mib'] = torch.cuda.max_memory_allocated() / 2 ** 20
+  return out
+
+
+def run_peak(framework):
+  """Matmul peak on the device this framework uses: f32 (n=2048) on CPU; f32 and bf16
+  (n=8192) on a GPU."""
+  out = _base(framework)
+  if framework == 'peak-jax':
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from benchmarks import jax_side  # pylint: disable=import-outside-toplevel
+    cpu = jax.default_backend() == 'cpu'
+    out['device'] = jax.devices()[0].device_kind
+    out['float32'] = jax_side.matmul_peak(jnp.float32, 2048 if cpu else 8192)
+    if not cpu:
+      out['bfloat16'] = jax_side.matmul_peak(jnp.bfloat16, 8192)
+  else:
+    import torch  # pylint: disable=import-outside-toplevel
+    from benchmarks import torch_ref  # pylint: disable=import-outside-toplevel
+    device = torch_ref.device_of()
+    cpu = device.type == 'cpu'
+    out['device'] = device.type if cpu else torch.cuda.get_device_name()
+    out['float32'] = torch_ref.matmul_peak(device, torch.float32, 2048 if cpu else 8192)
+    if not cpu:
+      out['bfloat16'] = torch_ref.matmul_peak(device, torch.bfloat16, 8192)
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('framework', choices=['jax', 'torch', 'peak-jax', 'peak-torch'])
+  ap.add_argument('preset', nargs='?', default=None)
+  ap.add_argument('--allow-cpu', action='store_true',
+                  help='run accelerator presets on the CPU too (slow; for smoke tests)')
+  args = ap.parse_args(argv)
+  t0 = time.perf_counter()
+  if args.framework.startswith('peak'):
+    out = run_peak(args.framework)
+  else:
+    if not args.preset:
+      ap.error('a preset spec is required')
+    preset = parse_preset(args.preset)
+    out = (run_jax if args.framework == 'jax' else run_torch)(preset, args.allow_cpu)
+    out['spec'] = args.preset
+  out.update(peak_rss_mib=_rss_mib(), wall_s=time.perf_counter() - t0,
+             load_end=os.getloadavg()[0])
+  print(MARK + json.dumps(out), flush=True)
+
+
+if __name__ == '__main__':
+  main()

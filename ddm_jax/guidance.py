@@ -1,0 +1,215 @@
+"""Indicator guidance: steer sampling to a target group distribution with DDM's own indicator.
+
+DDM trains its indicator on the UNet's predicted noise at uniformly random
+timesteps, so ``log_softmax(indicator(eps_pred(x_t, t)))`` is a noise-aware
+group classifier ``log p(y | x_t)``. Classifier guidance (Dhariwal & Nichol
+2021) in epsilon form then reads
+
+    eps' = eps - S * sqrt(1 - abar_t) * grad_{x_t} log p(y | x_t)
+    x0'  = (x_t - sqrt(1 - abar_t) * eps') / sqrt(abar_t)
+
+where the gradient flows through the UNet and the indicator. Each sample is
+assigned a target group before sampling (``stratified_groups``), so every
+batch matches the target distribution exactly up to rounding, and the
+guidance pulls sample i toward its group ``y_i``. The wrapped denoiser is
+traced into the sampler's single ``lax.scan`` (DDIM, DDPM, DPM-Solver++), so
+guided sampling stays one compiled program, batch-sharded like the unguided.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddm_jax.diffusion.schedules import alpha_sigma, to_x0_eps
+from ddm_jax.errors import ConfigError
+
+GUIDE_KEY = 'guide'  # make_generator hands the per-sample guide pytree to the hook under this key
+
+
+def parse_target(text, num_groups):
+  """'0.5,0.5' (or a sequence) -> float64 probability vector of length num_groups.
+
+  Ratios are accepted and normalised ('1,1' == '0.5,0.5'); ``None``/'' means uniform.
+  """
+  if text is None or (isinstance(text, str) and not text.strip()):
+    return np.full(num_groups, 1.0 / num_groups)
+  try:
+    vals = [float(v) for v in (text.split(',') if isinstance(text, str) else text)]
+  except (TypeError, ValueError):
+    raise ConfigError(f'target must be comma-separated numbers, got {text!r}') from None
+  p = np.asarray(vals, np.float64)
+  if p.size != num_groups:
+    raise ConfigError(f'target has {p.size} entries but the model has {num_groups} groups')
+  if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+    raise ConfigError(f'target must be non-negative with a positive sum, got {text!r}')
+  return p / p.sum()
+
+
+def stratified_counts(n, target):
+  """Integer counts summing to ``n`` closest to ``n * target`` (largest remainder)."""
+  target = np.asarray(target, np.float64)
+  raw = n * target
+  counts = np.floor(raw).astype(np.int64)
+  rest = n - counts.sum()
+  if rest:
+    # Ties broken by group index, so the result is deterministic.
+    order = np.lexsort((np.arange(raw.size), -(raw - counts)))
+    counts[order[:rest]] += 1
+  return counts
+
+
+def stratified_groups(num, target, batch_size, seed=0):
+  """Target group of each of ``num`` samples, drawn in chunks of ``batch_size``.
+
+  Every chunk (the batch the sampler sees) holds ``stratified_counts`` of each
+  group, shuffled within the chunk with ``seed``; the last, shorter chunk is
+  stratified on its own length. Returns int32 ``[num]``.
+  """
+  if num < 1 or batch_size < 1:
+    raise ConfigError(f'num and batch_size must be positive, got {num}, {batch_size}')
+  rng = np.random.default_rng(seed)
+  out = []
+  for start in range(0, num, batch_size):
+    m = min(batch_size, num - start)
+    labels = np.repeat(np.arange(len(target)), stratified_counts(m, target))
+    out.append(rng.permutation(labels))
+  return np.concatenate(out).astype(np.int32)
+
+
+PATHS = ('unet', 'x0')
+
+
+def check_scale(scale):
+  """A finite float; a negative scale pushes samples *away* from their assigned group."""
+  scale = float(scale)
+  if not np.isfinite(scale):
+    raise ConfigError(f'guidance scale must be a finite number, got {scale}')
+  return scale
+
+
+def make_guide(labels, scale):
+  """The per-sample guide pytree for ``generate(..., guide=...)``: target group and scale.
+
+  ``scale`` is one number (the same for every sample) or one per sample; it is
+  a traced input, so one compiled guided sampler serves every scale.
+  """
+  labels = np.asarray(labels, np.int32)
+  if labels.ndim != 1:
+    raise ConfigError(f'guide labels must be 1-D, got shape {labels.shape}')
+  scale = np.broadcast_to(np.asarray(scale, np.float32), labels.shape)
+  for s in np.unique(scale):
+    check_scale(s)
+  return {'labels': labels, 'scale': np.array(scale)}
+
+
+def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
+  """A ``guidance(params, frozen, denoise, cond) -> denoise`` hook for ``make_generator``.
+
+  ``cond['guide']`` is the ``make_guide`` pytree: each sample's target group
+  (int [B]) and guidance scale (float [B]); the other entries of ``cond``
+  (e.g. ``class_labels``) condition the UNet as usual. The hook runs the UNet
+  once per step with its VJP: the same forward gives the network output and,
+  through the indicator, the gradient of the assigned group's log-probability
+  w.r.t. ``x_t``. ``grad_clip`` (optional) caps the per-sample L2 norm of that
+  gradient, a guard against rare huge gradients. A sample with scale 0 gets
+  exactly the unguided update.
+
+  ``path`` picks which dependence of the indicator's input on ``x_t`` the
+  gradient follows. The network output is ``eps_hat = (x_t - a x0_hat(x_t)) / s``
+  (epsilon prediction): it depends on ``x_t`` directly (the ``x_t / s`` term)
+  and through the denoised estimate ``x0_hat``. ``'unet'`` (the default, the
+  plain gradient of the composite classifier) follows both; ``'x0'`` stops the
+  direct term, so the gradient moves ``x_t`` only as far as that changes what
+  the UNet thinks the clean image is. The value the indicator reads is the
+  same in both; only the gradient differs.
+
+  ``clip_x0``: clip the *unguided* x0 estimate to ``[-clip_x0, clip_x0]``
+  before the guidance term is added, and run the sampler itself without
+  clipping (``make_guided_generator`` does both). Order matters: a sampler
+  that clips the guided x0 but keeps the guided eps (DDIM) throws away the
+  guidance term's x0 part, which at high noise is amplified by ``1/a`` far out
+  of range, and keeps only its eps part, which points the other way:
+  measured on the digits, such guidance steered samples *away* from their
+  group (RESULTS.md). Guided-diffusion (Dhariwal & Nichol) clips first too.
+  """
+  if grad_clip is not None and not grad_clip > 0:
+    raise ConfigError(f'grad_clip must be positive, got {grad_clip}')
+  if path not in PATHS:
+    raise ConfigError(f'guidance path must be one of {PATHS}, got {path!r}')
+
+  def guidance(params, frozen, denoise, cond):
+    del denoise  # rebuilt below from the same UNet call that yields the gradient
+    guide = cond.get(GUIDE_KEY)
+    if guide is None:
+      raise ConfigError('indicator guidance needs a target group and scale per sample '
+                        '(generate(..., guide=make_guide(labels, scale)))')
+    labels = guide['labels']
+    model_cond = {k: v for k, v in cond.items() if k != GUIDE_KEY}
+    sched = ddm.sched
+
+    def guided(x, t):
+      tb = jnp.full((x.shape[0],), t, jnp.int32)
+
+      def log_prob(x_in):
+        out = ddm.model_fn(params, frozen, x_in, tb, **model_cond)
+        # The indicator was trained on the network's raw output (the predicted
+        # noise for epsilon prediction), so it reads exactly that here.
+        ind_in = out
+        if path == 'x0':  # same value; the direct d out / d x_t = c I term removed
+          a, s = alpha_sigma(sched, tb, x_in)
+          c = 1.0 / s if sched.prediction_type == 'epsilon' else a / s
+          ind_in = out - c * (x_in - jax.lax.stop_gradient(x_in))
+        logp = jax.nn.log_softmax(ddm.indicator_fn(params, ind_in).astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+        return picked.sum(), out  # samples are independent: grad of the sum = per-sample grads
+
+      grad, out = jax.grad(log_prob, has_aux=True)(x)
+      if grad_clip:
+        norm = jnp.sqrt(jnp.sum(grad ** 2, axis=tuple(range(1, grad.ndim)), keepdims=True))
+        grad = grad * jnp.minimum(1.0, grad_clip / jnp.maximum(norm, 1e-12))
+      x0, eps = to_x0_eps(sched, out, x, tb)
+      if clip_x0:
+        x0 = jnp.clip(x0, -clip_x0, clip_x0)
+      a, s = alpha_sigma(sched, tb, x)
+      scale = guide['scale'].reshape((-1,) + (1,) * (x.ndim - 1))
+      # eps' = eps - S s grad and the matching x0' = x0 + S s^2 / a grad: the deltas keep
+      # x_t = a x0 + s eps, and S = 0 returns exactly what the unguided sampler uses.
+      return x0 + scale * (s * s / a) * grad, eps - scale * s * grad
+
+    return guided
+
+  return guidance
+
+
+def move_clip(sampler, sampler_kw):
+  """``(sampler_kw without clip_x0, clip)``: the clip a sampler would apply to x0, handed
+  to the guidance instead (``make_indicator_guidance(clip_x0=...)``). Samplers that do
+  not clip (DPM-Solver++, PNDM) keep their behaviour: clip is then None."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  from ddm_jax.diffusion.samplers import SAMPLERS  # pylint: disable=import-outside-toplevel
+  kw = dict(sampler_kw)
+  clip = kw.pop('clip_x0', None)
+  fn = SAMPLERS.get(sampler)
+  if fn is None or 'clip_x0' not in inspect.signature(fn).parameters:
+    clip = None
+  return kw, clip
+
+
+def make_guided_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, grad_clip=None,
+                          path='unet', sampler_kw=None):
+  """``make_generator`` with indicator guidance; the x0 clipping of pixel models moves
+  from the sampler into the guidance, ahead of the guidance term (see ``clip_x0``).
+  ``sampler_kw`` defaults to ``training.loop.sampler_extra(ddm)``."""
+  from ddm_jax.sampling import make_generator  # pylint: disable=import-outside-toplevel
+  from ddm_jax.training.loop import sampler_extra  # pylint: disable=import-outside-toplevel
+  kw, clip = move_clip(sampler, sampler_extra(ddm) if sampler_kw is None else sampler_kw)
+  hook = make_indicator_guidance(ddm, grad_clip, path, clip_x0=clip)
+  return make_generator(ddm, mesh, sampler, steps, eta, guidance=hook, **kw)
+
+
+def guidance_from_args(ddm, guidance, grad_clip=None, path='unet'):
+  """The hook named by a CLI ``--guidance`` value ('none' | 'indicator'), or None."""
+  if guidance in (None, '', 'none'):
+    return None
+  if guidance == 'indicator':
+    return make_indicator_guidance(ddm, grad_clip, path)
+  raise ConfigError(f"--guidance must be 'none' or 'indicator', got {guidance!r}")

@@ -1,0 +1,157 @@
+"""The evaluation pipeline (ddm_jax.evaluation.report, evaluate.py): the evaluator gate,
+scoring wired to the metrics, and the CLI end to end on a tiny group-conditioned DDM."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import digits
+from ddm_jax.errors import ConfigError, DataError
+from ddm_jax.evaluation import fairness
+from ddm_jax.evaluation import report as R
+
+
+@pytest.fixture(scope='module')
+def roots(tmp_path_factory):
+  root = tmp_path_factory.mktemp('fair_eval')
+  return {'data': str(root / 'data'), 'cache': str(root / 'cache'), 'root': root}
+
+
+def _config(roots, **data):
+  c = digits.get_config()
+  c.data.data_dir = roots['data']
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def ctx(roots):
+  return R.EvalContext(_config(roots), R.EvalSettings(cache_dir=roots['cache'], num_samples=100))
+
+
+def test_evaluator_on_digits_is_accurate_and_cached(ctx, roots):
+  info = ctx.evaluator_info
+  assert info['heldout_accuracy'] >= 0.95, info
+  assert info['heldout_split'] == 'test' and info['train_split'] == 'balanced'
+  assert ctx.ref_labels.size == info['n_train'] + info['n_heldout']
+  np.testing.assert_allclose(ctx.train_proportions, [0.8, 0.2], atol=0.01)
+  again = R.EvalContext(_config(roots), R.EvalSettings(cache_dir=roots['cache'], num_samples=100))
+  assert again.evaluator_info['from_cache'] and again.evaluator_info['cache'] == info['cache']
+  # A different training ratio shares the balanced split, hence the evaluator.
+  other = R.EvalContext(_config(roots, proportions=(0.5, 0.5)),
+                        R.EvalSettings(cache_dir=roots['cache'], num_samples=100))
+  assert other.evaluator_info['from_cache']
+  np.testing.assert_allclose(other.train_proportions, [0.5, 0.5], atol=0.01)
+
+
+def test_floor_refuses_fairness_figures(roots):
+  with pytest.raises(DataError, match='below the floor'):
+    R.EvalContext(_config(roots), R.EvalSettings(cache_dir=roots['cache'], evaluator_steps=1,
+                                                 num_samples=100, accuracy_floor=0.999))
+
+
+def test_score_of_real_images(ctx):
+  """Scoring real images: the figures are the metrics' values on the evaluator's labels."""
+  imgs = ctx.ref_images
+  scores, pred = R.score(ctx, imgs)
+  f, q = scores['fairness'], scores['quality']
+  p = np.bincount(pred, minlength=2) / pred.size
+  np.testing.assert_allclose(f['proportions'], p)
+  assert f['fd'] == pytest.approx(np.linalg.norm(p - 0.5))
+  assert f['fd_paper'] == pytest.approx(abs(p[0] - 0.5))
+  assert f['fd_paper'] == pytest.approx(f['fd'] / math.sqrt(2))
+  assert f['kl'] == pytest.approx(fairness.kl_divergence(p))
+  assert all(lo <= v <= hi for lo, v, hi in zip(f['ci95_lo'], p, f['ci95_hi']))
+  # The reference set against itself: Fréchet distance ~0, precision = recall = 1.
+  assert abs(q['fcd']) < 1e-3
+  assert q['precision'] == 1.0 and q['recall'] == 1.0
+  assert q['fcd_vs_train'] > q['fcd']  # the training split is biased, the reference is not
+  # One group only: FD is the distance of (1, 0) to uniform; the other group is missing.
+  only0 = imgs[ctx.ref_labels == 0]
+  s0, pred0 = R.score(ctx, only0, cond_labels=np.zeros(len(only0), int),
+                      guide_labels=np.zeros(len(only0), int))
+  assert s0['fairness']['proportions'][0] > 0.95
+  assert s0['fairness']['guide_hit_rate'] == pytest.approx(np.mean(pred0 == 0))
+  with pytest.raises(DataError):  # SPD needs samples conditioned on every group
+    R.score(ctx, only0[:10], cond_labels=np.zeros(10, int))
+
+
+def test_settings_validation():
+  with pytest.raises(ConfigError):
+    R.EvalSettings(guidance='cfg').validate()
+  with pytest.raises(ConfigError):
+    R.EvalSettings(guidance='indicator', guidance_scale=-1).validate()
+  with pytest.raises(ConfigError):
+    R.EvalSettings(num_samples=3).validate()
+  with pytest.raises(ConfigError):
+    R.EvalSettings(accuracy_floor=1.5).validate()
+
+
+def test_true_group_cfg_drops_pseudo_labels(roots):
+  c = _config(roots, pseudo_labels='kmeans')
+  assert R.true_group_data_cfg(c.data).pseudo_labels == ''
+  assert c.data.pseudo_labels == 'kmeans'  # the original is untouched
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope='module')
+def tiny_conditional(roots):
+  """A tiny group-conditioned DDM (num_class_embeds = 2), briefly trained."""
+  from ddm_jax.training.loop import train
+  c = _config(roots)
+  c.model.block_out_channels = (16, 32)
+  c.model.num_class_embeds = 2
+  c.indicator.hidden = (32,)
+  c.train.num_steps = 60
+  c.train.batch_size = 32
+  c.train.checkpoint_every = 60
+  c.train.sample_every = 0
+  c.train.log_every = 30
+  c.optim.warmup_steps = 5
+  workdir = str(roots['root'] / 'cond_run')
+  train(c, workdir, progress=False)
+  return workdir
+
+
+def test_evaluate_cli_end_to_end(tiny_conditional, roots, capsys):
+  from ddm_jax.evaluation.report import evaluate_main
+  wd = tiny_conditional
+  common = ['--workdir', wd, '--num_samples', '64', '--steps', '4', '--cache_dir', roots['cache'],
+            '--no_progress']
+  assert evaluate_main(common + ['--target', '1,1']) == 0
+  out = os.path.join(wd, 'eval')
+  for name in ('report.json', 'report.md', 'proportions.png', 'samples_by_group.png',
+               'samples.npz'):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  rep = json.load(open(os.path.join(out, 'report.json')))
+  f, q, ind = rep['fairness'], rep['quality'], rep['indicator']
+  assert rep['num_samples'] == 64 and rep['seed'] == 0 and rep['config']['model']['num_class_embeds'] == 2
+  assert f['n'] == 64 and len(f['proportions']) == 2 and sum(f['proportions']) == pytest.approx(1)
+  assert f['fd'] == pytest.approx(fairness.fairness_discrepancy(f['proportions']))
+  # Conditioned on each group in equal numbers: SPD is the gap of the two hit rates.
+  rates = f['conditioned_hit_rates']
+  assert f['spd'] == pytest.approx(max(rates) - min(rates))
+  assert 0 <= ind['entropy_mean'] <= math.log(2) + 1e-9 and ind['entropy_std'] >= 0
+  for key in ('fcd', 'fcd_vs_train', 'precision', 'recall', 'noise_floor_fcd'):
+    assert np.isfinite(q[key]), key
+  assert rep['data']['evaluator']['heldout_accuracy'] >= 0.95
+  md = open(os.path.join(out, 'report.md')).read()
+  assert 'SPD' in md and 'Fréchet' in md and 'noise floor' in md
+  assert 'FD' in capsys.readouterr().out
+
+  # Guided: a separate folder, the assignment reported, same seed.
+  assert evaluate_main(common + ['--guidance', 'indicator', '--guidance_scale', '2']) == 0
+  g = json.load(open(os.path.join(out, 'indicator_s2', 'report.json')))
+  assert g['sampling']['guidance'] == 'indicator' and 'guide_hit_rate' in g['fairness']
+
+  # A weak evaluator: one clear line, exit 2, nothing reported.
+  bad = os.path.join(str(roots['root']), 'bad_eval')
+  assert evaluate_main(common + ['--evaluator_steps', '1', '--accuracy_floor', '0.999',
+                                 '--out_dir', bad]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error:') and 'below the floor' in err and not os.path.exists(bad)
+  assert evaluate_main(['--workdir', str(roots['root'] / 'missing')]) == 2
