@@ -71,14 +71,14 @@ def get_config():
   c.optim.grad_accum = 1
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 800
+  c.train.num_steps = 600
   c.train.batch_size = 64                # global, across all devices and hosts
   c.train.seed = 0
   c.train.ema_decay = 0.999
   c.train.log_every = 25
-  c.train.checkpoint_every = 400
+  c.train.checkpoint_every = 300
   c.train.keep_checkpoints = 3
-  c.train.sample_every = 400
+  c.train.sample_every = 300
   c.train.num_sample_images = 64
   c.train.distributed = False            # call jax.distributed.initialize()
   c.train.skip_nonfinite = False         # skip (and count) NaN/Inf steps instead of stopping
