@@ -71,8 +71,7 @@ def test_score_of_real_images(ctx):
   assert q['fcd_vs_train'] > q['fcd']  # the training split is biased, the reference is not
   # One group only: FD is the distance of (1, 0) to uniform; the other group is missing.
   only0 = imgs[ctx.ref_labels == 0]
-  s0, pred0 = R.score(ctx, only0, cond_labels=np.zeros(len(only0), int),
-                      guide_labels=np.zeros(len(only0), int))
+  s0, pred0 = R.score(ctx, only0, guide_labels=np.zeros(len(only0), int))
   assert s0['fairness']['proportions'][0] > 0.95
   assert s0['fairness']['guide_hit_rate'] == pytest.approx(np.mean(pred0 == 0))
   with pytest.raises(DataError):  # SPD needs samples conditioned on every group
@@ -83,7 +82,8 @@ def test_settings_validation():
   with pytest.raises(ConfigError):
     R.EvalSettings(guidance='cfg').validate()
   with pytest.raises(ConfigError):
-    R.EvalSettings(guidance='indicator', guidance_scale=-1).validate()
+    R.EvalSettings(guidance='indicator', guidance_scale=float('nan')).validate()
+  R.EvalSettings(guidance='indicator', guidance_scale=-1).validate()  # pushes away: allowed
   with pytest.raises(ConfigError):
     R.EvalSettings(num_samples=3).validate()
   with pytest.raises(ConfigError):
