@@ -72,16 +72,16 @@ class Preset:
 
 
 PRESETS = {p.name: p for p in [
-    Preset('small', 'train', SMALL_UNET, latent=8, batch=16, steps=20,
+    Preset('small', 'train', SMALL_UNET, latent=8, batch=16, steps=10,
            note='full fine-tune of a small SD-shaped UNet + indicator'),
-    Preset('sd15-lora-32', 'train', SD15_UNET, latent=4, batch=1, lora=PUBLISHED_LORA, steps=10,
+    Preset('sd15-lora-32', 'train', SD15_UNET, latent=4, batch=1, lora=PUBLISHED_LORA, steps=6,
            note='SD-1.5 UNet (random init), 32x32 images, the published example'),
     Preset('sd15-lora-512', 'train', SD15_UNET, latent=64, batch=8, lora=PUBLISHED_LORA,
            dtype='bfloat16', steps=10, warmup=3, accelerator=True,
            note='SD-1.5 at 512x512 (64x64 latents), bf16 compute: for an accelerator'),
-    Preset('sample-small', 'sample', SMALL_UNET, latent=8, batch=16, steps=3, warmup=1,
+    Preset('sample-small', 'sample', SMALL_UNET, latent=8, batch=16, steps=2, warmup=1,
            note='40 DDIM steps with CFG 7.5 (UNet on 2B), no VAE'),
-    Preset('sample-sd15-32', 'sample', SD15_UNET, latent=4, batch=4, steps=3, warmup=1,
+    Preset('sample-sd15-32', 'sample', SD15_UNET, latent=4, batch=2, steps=2, warmup=1,
            note='SD-1.5 UNet, 4x4 latents, 40 DDIM steps with CFG 7.5, no VAE'),
     Preset('sample-sd15-512', 'sample', SD15_UNET, latent=64, batch=4, dtype='bfloat16', steps=3,
            warmup=1, accelerator=True,

@@ -1,7 +1,10 @@
 """One measurement in its own process: one framework, one preset (or the matmul peak).
 
-python -m benchmarks.worker {jax,torch} PRESET_SPEC [--allow-cpu]
+python -m benchmarks.worker {jax,torch} PRESET_SPEC [--allow-cpu] [--threads N]
 python -m benchmarks.worker {peak-jax,peak-torch}
+
+--threads N: PyTorch: torch.set_num_threads(N) before anything runs; JAX: 1 only (XLA's
+CPU flags for one thread). The default is each framework's own (one thread per core).
 
 Prints one line `BENCH_RESULT {json}` (benchmarks/run.py reads it). A process imports
 only its own framework. Timed: `preset.steps` steps (or sampling runs) after
@@ -36,24 +39,36 @@ def _base(framework, preset=None):
   return out
 
 
-def _timed(fn, n):
+def _timed(fn, n, budget_s=0.0):
+  """Times `n` calls; with a budget, stops early (after at least 2) once the timed calls
+  have taken `budget_s` seconds in all (a pathologically slow configuration under load)."""
   times = []
   for _ in range(n):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
+    if budget_s and len(times) >= 2 and sum(times) > budget_s:
+      break
   return times
 
 
-def run_jax(preset, allow_cpu):
+XLA_ONE_THREAD = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+
+
+def run_jax(preset, allow_cpu, budget_s=0.0, threads=0):
+  if threads == 1:   # before jax is imported: XLA reads its flags once
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + XLA_ONE_THREAD).strip()
+  elif threads:
+    raise ValueError('jax: --threads supports 1 (one thread) or 0 (default)')
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from benchmarks import jax_side  # pylint: disable=import-outside-toplevel
   out = _base('jax', preset)
+  out['threads'] = threads or os.cpu_count()
   from ddm_jax.models import blocks  # pylint: disable=import-outside-toplevel
   out.update(jax_version=jax.__version__, backend=jax.default_backend(),
              device=jax.devices()[0].device_kind, devices=jax.device_count(),
-             attention=blocks.ATTENTION, jax_cache=bool(os.environ.get('JAX_COMPILATION_CACHE_DIR')))
+             attention=getattr(blocks, 'ATTENTION', 'xla'), jax_cache=bool(os.environ.get('JAX_COMPILATION_CACHE_DIR')))
   if preset.accelerator and jax.default_backend() == 'cpu' and not allow_cpu:
     return {**out, 'skipped': 'no accelerator (preset is for a GPU; --allow-cpu forces it)'}
   t0 = time.perf_counter()
@@ -74,7 +89,7 @@ def run_jax(preset, allow_cpu):
     out['flops'] = metrics.scan_flops(flops, preset.sample_steps)
     one = lambda: np.asarray(bench.run())
   warm = _timed(one, preset.warmup)
-  times = _timed(one, preset.steps)
+  times = _timed(one, preset.steps, budget_s)
   if preset.kind == 'train':
     jax.block_until_ready(bench.state)
     out['loss_first'], out['loss_last'] = losses[0], losses[-1]
@@ -85,9 +100,11 @@ def run_jax(preset, allow_cpu):
   return out
 
 
-def run_torch(preset, allow_cpu):
+def run_torch(preset, allow_cpu, threads=0, budget_s=0.0):
   import torch  # pylint: disable=import-outside-toplevel
   from benchmarks import torch_ref  # pylint: disable=import-outside-toplevel
+  if threads:
+    torch.set_num_threads(threads)
   out = _base('torch', preset)
   device = torch_ref.device_of(preset)
   out.update(torch_version=torch.__version__, device=device.type, threads=torch.get_num_threads())
@@ -119,7 +136,7 @@ def run_torch(preset, allow_cpu):
       bench.sync()
       x.float().cpu()
   warm = _timed(one, preset.warmup)
-  times = _timed(one, preset.steps)
+  times = _timed(one, preset.steps, budget_s)
   if preset.kind == 'train':
     out['loss_first'], out['loss_last'] = losses[0], losses[-1]
   out.update(first_call_s=warm[0], warmup_s=warm, step_s=times)
@@ -128,7 +145,7 @@ def run_torch(preset, allow_cpu):
   return out
 
 
-def run_peak(framework):
+def run_peak(framework, threads=0):
   """Matmul peak on the device this framework uses: f32 (n=2048) on CPU; f32 and bf16
   (n=8192) on a GPU."""
   out = _base(framework)
@@ -144,6 +161,9 @@ def run_peak(framework):
   else:
     import torch  # pylint: disable=import-outside-toplevel
     from benchmarks import torch_ref  # pylint: disable=import-outside-toplevel
+    if threads:
+      torch.set_num_threads(threads)
+    out['threads'] = torch.get_num_threads()
     device = torch_ref.device_of()
     cpu = device.type == 'cpu'
     out['device'] = device.type if cpu else torch.cuda.get_device_name()
@@ -159,15 +179,21 @@ def main(argv=None):
   ap.add_argument('preset', nargs='?', default=None)
   ap.add_argument('--allow-cpu', action='store_true',
                   help='run accelerator presets on the CPU too (slow; for smoke tests)')
+  ap.add_argument('--threads', type=int, default=0, help='intra-op threads (0: the default)')
+  ap.add_argument('--budget', type=float, default=0.0,
+                  help='stop timing after this many seconds of timed steps (at least 2 steps)')
   args = ap.parse_args(argv)
   t0 = time.perf_counter()
   if args.framework.startswith('peak'):
-    out = run_peak(args.framework)
+    out = run_peak(args.framework, args.threads)
   else:
     if not args.preset:
       ap.error('a preset spec is required')
     preset = parse_preset(args.preset)
-    out = (run_jax if args.framework == 'jax' else run_torch)(preset, args.allow_cpu)
+    if args.framework == 'jax':
+      out = run_jax(preset, args.allow_cpu, args.budget, args.threads)
+    else:
+      out = run_torch(preset, args.allow_cpu, args.threads, args.budget)
     out['spec'] = args.preset
   out.update(peak_rss_mib=_rss_mib(), wall_s=time.perf_counter() - t0,
              load_end=os.getloadavg()[0])

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import metrics
 from benchmarks.presets import PRESETS, PresetError, parse_preset, parse_presets
-from benchmarks.run import aggregate
+from benchmarks.run import aggregate, worker_args
 
 TOL = 1e-4
 
@@ -116,8 +116,31 @@ def test_aggregate_line():
   assert line['torch_peak_frac'] == pytest.approx(2e9 / 0.22 / 1e9 / 100, rel=1e-3)
   assert line['torch_sdpa'] is True and line['torch_channels_last'] is False
   assert line['load_1min']['median'] == 2.0
+  # several PyTorch configurations: the ratio is against the fastest, all are listed
+  one_thread = [dict(r, threads=1, step_s=[0.15] * 3) for r in torch_runs]
+  both = aggregate(p, jax_runs, {'torch': torch_runs, 'torch:1': one_thread}, peaks, [1.0])
+  assert both['torch_baseline'] == 'torch:1 (1 thread)' and both['torch_step_ms']['median'] == 150
+  assert both['ratio_jax_over_torch'] == pytest.approx(0.15 / 0.11, rel=1e-3)
+  assert both['torch_variants']['torch']['ratio_jax_over_it'] == 2.0
+  assert both['torch_variants']['torch:1']['threads'] == 1
+  # and several JAX configurations: best against best, the defaults compared apart
+  jax_one = [dict(r, threads=1, step_s=[0.05] * 3) for r in jax_runs]
+  four = aggregate(p, {'jax': jax_runs, 'jax:1': jax_one},
+                   {'torch': torch_runs, 'torch:1': one_thread}, peaks, [1.0])
+  assert four['jax_config'] == 'jax:1 (1 thread)' and four['ratio_jax_over_torch'] == 3.0
+  assert four['ratio_default_threads'] == 2.0
+  assert four['jax_variants']['jax']['ratio_it_over_torch'] == pytest.approx(0.15 / 0.11, rel=1e-3)
   skipped = aggregate(PRESETS['sd15-lora-512'], [{'skipped': 'no accelerator'}], [], [], [])
   assert skipped['skipped'] == 'no accelerator' and skipped['jax_step_ms'] is None
+
+
+def test_worker_args():
+  assert worker_args('jax', 'small:batch=2') == ['jax', 'small:batch=2']
+  assert worker_args('torch:1', 'small') == ['torch', 'small', '--threads', '1']
+  assert worker_args('jax:1', 'small') == ['jax', 'small', '--threads', '1']
+  for bad in ('tf', 'torch:x', 'jax:one'):
+    with pytest.raises(ValueError):
+      worker_args(bad, 'small')
 
 
 # ------------------------------------------------------------------ the CPU conv fast path
