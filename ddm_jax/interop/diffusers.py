@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
+from ddm_jax.diffusion.schedules import PREDICTION_TYPES, SCHEDULES
 from ddm_jax.errors import WeightsError
 from ddm_jax.models.text_encoder import CLIPTextModel, text_encoder_from_config
 from ddm_jax.models.tokenizer import CLIPTokenizer
@@ -76,11 +77,14 @@ class StableDiffusion(NamedTuple):
 def _read_json(path):
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f)
+      data = json.load(f)
   except FileNotFoundError as e:
     raise WeightsError(f'{path}: file not found') from e
   except (OSError, ValueError) as e:
     raise WeightsError(f'{path}: cannot read JSON ({e})') from e
+  if not isinstance(data, dict):
+    raise WeightsError(f'{path}: expected a JSON object, got {type(data).__name__}')
+  return data
 
 
 def component_dir(path: str, name: str) -> str:
@@ -266,12 +270,14 @@ def _load(path, name, build, dummy_inputs, rename=lambda k: k, variant=None, par
           config_fn=lambda cfg, where: cfg, **overrides):
   folder = component_dir(path, name)
   cfg_path = os.path.join(folder, 'config.json')
-  cfg = config_fn(_read_json(cfg_path), cfg_path)
+  # A config.json of the wrong shape (a string for a list, impossible group counts) fails
+  # inside the model; name the file instead of surfacing a raw traceback.
   try:
-    module = build(cfg, **overrides)
-  except (TypeError, ValueError) as e:
-    raise WeightsError(f'{cfg_path}: {e}') from e
-  expected = expected_params(module, *dummy_inputs(module))
+    module = build(config_fn(_read_json(cfg_path), cfg_path), **overrides)
+    expected = expected_params(module, *dummy_inputs(module))
+  except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+    raise WeightsError(f'{cfg_path}: invalid model configuration ({type(e).__name__}: '
+                       f'{str(e).splitlines()[0] if str(e) else e!r})') from e
   files, label = weight_files(folder, variant)
   return module, convert(_tensors(files), expected, label, rename, param_dtype)
 
@@ -331,7 +337,13 @@ def load_tokenizer(path: str) -> CLIPTokenizer:
 
 def read_scheduler_config(path: str) -> Dict[str, Any]:
   """The `scheduler/scheduler_config.json` mapping (with its `_class_name`)."""
-  return _read_json(os.path.join(component_dir(path, 'scheduler'), 'scheduler_config.json'))
+  where = os.path.join(component_dir(path, 'scheduler'), 'scheduler_config.json')
+  cfg = _read_json(where)
+  for key, default, allowed in (('beta_schedule', 'scaled_linear', SCHEDULES),
+                                ('prediction_type', 'epsilon', PREDICTION_TYPES)):
+    if cfg.get(key, default) not in allowed:
+      raise WeightsError(f'{where}: {key} {cfg[key]!r} is not supported; use one of {allowed}')
+  return cfg
 
 
 def load_pipeline(path: str, *, variant: Optional[str] = None, param_dtype=jnp.float32,
