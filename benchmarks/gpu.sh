@@ -55,8 +55,8 @@ row() {
   log "end $name (rc $?)"
 }
 
-row sd15-lora-512 240 sd15-lora-512 --rounds 5 --jax-cache "$OUT/jax_cache_train" --timeout 400
-row sample-sd15-512 150 sample-sd15-512 --rounds 3 --jax-cache "$OUT/jax_cache_sample" --timeout 300
+row sd15-lora-512 240 sd15-lora-512 --frameworks jax,torch --rounds 5 --jax-cache "$OUT/jax_cache_train" --timeout 400
+row sample-sd15-512 150 sample-sd15-512 --frameworks jax,torch --rounds 3 --jax-cache "$OUT/jax_cache_sample" --timeout 300
 export DDM_JAX_ATTENTION=auto
 row sd15-lora-512-cudnn 120 sd15-lora-512 --rounds 3 --frameworks jax \
   --no-peak --jax-cache "$OUT/jax_cache_cudnn" --timeout 300

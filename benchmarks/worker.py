@@ -68,7 +68,8 @@ def run_jax(preset, allow_cpu, budget_s=0.0, threads=0):
   from ddm_jax.models import blocks  # pylint: disable=import-outside-toplevel
   out.update(jax_version=jax.__version__, backend=jax.default_backend(),
              device=jax.devices()[0].device_kind, devices=jax.device_count(),
-             attention=getattr(blocks, 'ATTENTION', 'xla'), jax_cache=bool(os.environ.get('JAX_COMPILATION_CACHE_DIR')))
+             attention=blocks.ATTENTION,
+             jax_cache=bool(os.environ.get('JAX_COMPILATION_CACHE_DIR')))
   if preset.accelerator and jax.default_backend() == 'cpu' and not allow_cpu:
     return {**out, 'skipped': 'no accelerator (preset is for a GPU; --allow-cpu forces it)'}
   t0 = time.perf_counter()

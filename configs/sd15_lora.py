@@ -69,6 +69,6 @@ def get_config():
   c.train.sample_every = 0
   c.train.num_sample_images = 4
 
-  c.sample.sampler = 'ddim'
+  c.sample.sampler = 'pndm'             # StableDiffusionPipeline's default for SD 1.x
   c.sample.steps = 40
   return c
