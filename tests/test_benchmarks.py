@@ -210,3 +210,29 @@ def test_sampling_parity():
   err = rel_err(inputs.nchw(got), want)
   print(f'sampling: rel err {err:.1e}')
   assert err <= 1e-3
+
+
+# ------------------------------------------------------------------ the operation profile
+
+def test_op_profile_kinds_and_shares(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import op_profile
+  assert op_profile.kind_of('aten::convolution_backward') == 'convolution'
+  assert op_profile.kind_of('dot.12') == 'matmul' and op_profile.kind_of('aten::bmm') == 'matmul'
+  assert op_profile.kind_of('aten::native_group_norm') == 'normalization'
+  assert op_profile.kind_of('aten::_foreach_addcdiv_') == 'optimizer'
+  assert op_profile.kind_of('multiply_add_fusion.3') == 'elementwise/fusion'
+  s = op_profile.summarize({'dot.1': 300.0, 'conv.2': 100.0, 'x': 100.0}, 1e-3, top=2)
+  assert s['op_time_over_wall'] == 0.5 and s['by_kind'] == {'matmul': 0.3, 'convolution': 0.1,
+                                                            'other': 0.1}
+  assert [o['name'] for o in s['top_ops']] == ['dot.1', 'conv.2']
+  # a real trace: the matmul of a jitted function shows up as an operation, runtime does not
+  f = jax.jit(lambda a: (a @ a).sum())
+  a = jnp.ones((256, 256))
+  f(a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    f(a).block_until_ready()
+  ops = op_profile.jax_ops(str(tmp_path))
+  assert ops and all(not op_profile._JAX_RUNTIME.search(n) for n in ops)  # pylint: disable=protected-access
+  assert any(op_profile.kind_of(n) == 'matmul' for n in ops)
