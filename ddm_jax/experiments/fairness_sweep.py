@@ -333,7 +333,7 @@ def _ms(e, m, nd=3):
 
 def summary_markdown(summary, plan, meta):
   lines = ['# DDM fairness sweep on the embedded digits', '',
-           f"Preset `{meta['preset']}`; {meta['machine']}. Group 0 = digit 0, group 1 = digit 1; "
+           f"Sweep `{meta['preset']}`; {meta['machine']}. Group 0 = digit 0, group 1 = digit 1; "
            'ratio = group 0 : group 1 in the training split; target uniform. '
            f'{plan.num_steps} training steps per model, {plan.num_samples} samples per '
            f'evaluation ({plan.sampler}, {plan.sample_steps} steps, eta {plan.eta:g}). Mean ± std '
@@ -491,7 +491,10 @@ def parse_args(argv):
   p = argparse.ArgumentParser(prog='python -m ddm_jax.experiments.fairness_sweep',
                               description=__doc__.split('\n\n')[0])
   p.add_argument('--quick', action='store_true', help='the <= 20 minute preset')
-  p.add_argument('--out', default=None, help='default sweeps/fairness_<preset>')
+  p.add_argument('--name', default=None,
+                 help='label in the summary and published file names (default: the preset; '
+                      'name a run whose grid differs from its preset)')
+  p.add_argument('--out', default=None, help='default sweeps/fairness_<name>')
   p.add_argument('--config', default=DEFAULT_CONFIG)
   p.add_argument('--publish', default=None, help='copy summary and plots here (e.g. results)')
   p.add_argument('--summary_only', action='store_true', help='only rebuild summary and plots')
@@ -524,18 +527,19 @@ def main(argv=None):
   for r in set(plan.ratios) | set(plan.guided_ratios) | set(plan.pseudo_ratios):
     parse_ratio(r)
   base = validate(apply_overrides(load_config_file(args.config), overrides))
-  out = args.out or os.path.join('sweeps', f'fairness_{preset}')
+  name = args.name or preset
+  out = args.out or os.path.join('sweeps', f'fairness_{name}')
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'plan.json'), 'w', encoding='utf-8') as f:
-    json.dump({'preset': preset, 'plan': dataclasses.asdict(plan), 'overrides': overrides},
+    json.dump({'preset': preset, 'name': name, 'plan': dataclasses.asdict(plan), 'overrides': overrides},
               f, indent=2)
   runner = Runner(base, plan, out, log=lambda m: print(m, flush=True))
   t0 = time.time()
   if not args.summary_only:
-    print(f'{preset} sweep -> {os.path.abspath(out)} ({len(runner.results.done)} evaluations '
+    print(f'{name} sweep -> {os.path.abspath(out)} ({len(runner.results.done)} evaluations '
           'already done)', flush=True)
     runner.run()
-  _, md = write_summary(runner, preset, time.time() - t0, args.publish)
+  _, md = write_summary(runner, name, time.time() - t0, args.publish)
   print(md)
   print(f'total {time.time() - t0:.0f} s; results in {os.path.abspath(out)}', flush=True)
 
