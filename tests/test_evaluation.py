@@ -339,6 +339,13 @@ def test_plot_group_proportions_and_xy(tmp_path):
                                      'p0': ([0.8, 0.7, 0.6], [0.7, 0.6, 0.5], [0.9, 0.8, 0.7])},
                 'indicator weight', 'value', 'sweep')
   _png(q)
+  # a series measured at fewer x: NaN there, the line joins the points it has
+  r = tmp_path / 'gaps.png'
+  plots.plot_xy(r, [0, 8, 16, 32], {'4:1': ([0.6, 0.02, 0.0, float('nan')],
+                                            [0.5, 0.01, 0.0, float('nan')],
+                                            [0.7, 0.03, 0.0, float('nan')]),
+                                    '9:1': [0.7, 0.1, 0.04, 0.01]}, 'S', 'FD')
+  _png(r)
   with pytest.raises(DataError):
     plots.plot_group_proportions(p, [0.7, 0.3], [0.6], [0.8, 0.4], [0.5, 0.5])
 

@@ -137,3 +137,22 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
   assert 'ratio' in capsys.readouterr().err
   assert S.cli_main(['--out', str(tmp_path), '--bogus']) == 2
   assert S.cli_main(['--out', str(tmp_path), '--config.train.nope=1']) == 2
+
+
+def test_guided_plots_keep_series_measured_at_other_scales(tmp_path, monkeypatch):
+  from ddm_jax.evaluation import plots
+  seen = {}
+  monkeypatch.setattr(plots, 'plot_xy', lambda path, xs, series, *a: seen.setdefault(
+      os.path.basename(path), (list(xs), series)))
+  m = lambda v: {'mean': v, 'std': 0.0}
+  entry = lambda ratio, scale, fd, guided=True: {
+      'kind': 'guided' if guided else 'ddm', 'ratio': ratio, 'alpha': 0.05, 'guided': guided,
+      'path': 'unet' if guided else '-', 'scale': scale, 'fd': m(fd), 'fcd': m(1.0),
+      'guide_hit_rate': m(0.9)}
+  summary = [entry('4:1', 0.0, 0.6, False), entry('9:1', 0.0, 0.7, False),
+             entry('4:1', 8.0, 0.02), entry('9:1', 8.0, 0.1), entry('9:1', 32.0, 0.01)]
+  S.make_plots(summary, str(tmp_path))
+  xs, series = seen['guided_fd_vs_scale.png']
+  assert xs == [0.0, 8.0, 32.0] and set(series) == {'train 4:1, alpha 0.05', 'train 9:1, alpha 0.05'}
+  ys = series['train 4:1, alpha 0.05'][0]
+  assert ys[:2].tolist() == [0.6, 0.02] and np.isnan(ys[2])

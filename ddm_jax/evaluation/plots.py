@@ -116,7 +116,8 @@ def plot_xy(path, xs, series, xlabel, ylabel, title=''):
   """Line plot of several series over ``xs`` (e.g. a metric over guidance scale).
 
   ``series`` maps a label to ``ys`` or to ``(ys, lo, hi)``; the latter draws a
-  shaded band (e.g. a CI).
+  shaded band (e.g. a CI). A NaN marks an x that series was not measured at: its line
+  joins the points it has.
   """
   xs = np.asarray(xs, dtype=np.float64)
   if xs.ndim != 1 or xs.size == 0:
@@ -128,10 +129,11 @@ def plot_xy(path, xs, series, xlabel, ylabel, title=''):
   for name, v in series.items():
     band = isinstance(v, tuple) and len(v) == 3
     ys = _vec(v[0] if band else v, xs.size, f'series {name!r}')
-    (line,) = ax.plot(xs, ys, marker='o', label=str(name))
+    ok = np.isfinite(ys)
+    (line,) = ax.plot(xs[ok], ys[ok], marker='o', label=str(name))
     if band:
-      lo, hi = (_vec(a, xs.size, f'band of series {name!r}') for a in v[1:])
-      ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+      lo, hi = (_vec(a, xs.size, f'band of series {name!r}')[ok] for a in v[1:])
+      ax.fill_between(xs[ok], lo, hi, alpha=0.2, color=line.get_color())
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)

@@ -422,9 +422,11 @@ def make_plots(summary, out_dir):
             name = f'train {ratio}, alpha {alpha:g}' + ('' if path == 'unet' else f', {path}')
             series[name] = ([e['scale'] for e in es], (m, m - sd, m + sd))
       xs_all = sorted({x for xs, _ in series.values() for x in xs})
-      aligned = {k: v for k, (xs, v) in series.items() if xs == xs_all}
-      if not aligned:
+      if not series:
         continue
+      # Series measured at fewer scales get NaN at the others (plot_xy skips those points).
+      aligned = {k: tuple(np.array([dict(zip(xs, arr)).get(x, np.nan) for x in xs_all])
+                          for arr in v) for k, (xs, v) in series.items()}
       path_png = os.path.join(out_dir, f'{kind}_{metric}_vs_scale.png')
       plots.plot_xy(path_png, xs_all, aligned, 'guidance scale S (S = 0: unguided)', label,
                     f"{'Indicator' if kind == 'guided' else 'Pseudo-label'} guidance: {label}")
