@@ -374,7 +374,11 @@ def summary_markdown(summary, plan, meta):
           f"{_ms(e, 'fcd_within_group_mean', 2)} | {_ms(e, 'precision')} | {_ms(e, 'recall')} | "
           f"{_ms(e, 'guide_hit_rate')} |" + (f" {_ms(e, 'ari')} |" if kind == 'pseudo' else ''))
     lines.append('')
-  lines.append(f"Wall time of this invocation: {meta['seconds']:.0f} s.")
+  train_s, eval_s = meta.get('train_seconds', 0.0), meta.get('eval_seconds', 0.0)
+  lines.append(f'Recorded compute: {train_s:.0f} s training ({meta.get("models", 0)} models), '
+               f'{eval_s:.0f} s sampling + evaluation'
+               + (f"; wall time of this invocation: {meta['seconds']:.0f} s." if meta['seconds']
+                  else '.'))
   return '\n'.join(lines) + '\n'
 
 
@@ -454,8 +458,12 @@ def machine_description():
 
 def write_summary(runner, preset, seconds, publish=None):
   summary = summarize(runner.results.rows)
+  rows = runner.results.rows
+  models = {r['workdir']: r.get('train_seconds') or 0.0 for r in rows}
   meta = {'preset': preset, 'machine': machine_description(), 'seconds': seconds,
-          'plan': dataclasses.asdict(runner.plan)}
+          'plan': dataclasses.asdict(runner.plan), 'models': len(models),
+          'train_seconds': float(sum(models.values())),
+          'eval_seconds': float(sum(r.get('eval_seconds') or 0.0 for r in rows))}
   out = runner.out
   with open(os.path.join(out, 'summary.json'), 'w', encoding='utf-8') as f:
     json.dump({'meta': meta, 'summary': summary}, f, indent=2)
@@ -541,7 +549,8 @@ def main(argv=None):
     print(f'{name} sweep -> {os.path.abspath(out)} ({len(runner.results.done)} evaluations '
           'already done)', flush=True)
     runner.run()
-  _, md = write_summary(runner, name, time.time() - t0, args.publish)
+  _, md = write_summary(runner, name, None if args.summary_only else time.time() - t0,
+                        args.publish)
   print(md)
   print(f'total {time.time() - t0:.0f} s; results in {os.path.abspath(out)}', flush=True)
 
