@@ -129,6 +129,7 @@ def test_summary_and_plots(tmp_path):
   for name in ('fd_vs_alpha.png', 'guided_fd_vs_scale.png', 'guided_fcd_vs_scale.png'):
     assert os.path.getsize(tmp_path / 'plots' / name) > 0
   assert os.path.exists(tmp_path / 'pub' / 'sweep_test.md')
+  assert len(open(tmp_path / 'pub' / 'sweep_test_rows.jsonl').readlines()) == len(runner.results.rows)
   assert os.path.exists(tmp_path / 'pub' / 'fd_vs_alpha_test.png')
 
 

@@ -476,6 +476,7 @@ def write_summary(runner, preset, seconds, publish=None):
     suffix = '' if preset == 'full' else f'_{preset}'
     shutil.copy(os.path.join(out, 'summary.md'), os.path.join(publish, f'sweep{suffix}.md'))
     shutil.copy(os.path.join(out, 'summary.json'), os.path.join(publish, f'sweep{suffix}.json'))
+    shutil.copy(runner.results.path, os.path.join(publish, f'sweep{suffix}_rows.jsonl'))
     for path in made:
       name, ext = os.path.splitext(os.path.basename(path))
       shutil.copy(path, os.path.join(publish, f'{name}{suffix}{ext}'))
