@@ -7,6 +7,8 @@ passes cached latents and a text embedding (the PyTorch reference gets the same)
 LoRA goes through `models.lora` exactly as `latent.LatentDDM.model_fn` applies it.
 Weights come from benchmarks/weights.py (numpy, identical to the PyTorch side).
 """
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -135,7 +137,16 @@ def build_ddm(preset, seed=None, lora_b_std=0.0):
   return (LoraDDM if preset.lora else FullDDM)(preset, seed, lora_b_std)
 
 
-class TrainStep:
+class _Compiled:
+  """`compile()` compiles what the subclass's `lower()` returns; it returns the seconds."""
+
+  def compile(self):
+    t0 = time.perf_counter()
+    self.compiled = self.lower().compile()
+    return time.perf_counter() - t0
+
+
+class TrainStep(_Compiled):
   """The library's compiled step on a fixed batch. `compile()` returns seconds; `step()`
   runs one step and returns the metrics (not blocked on)."""
 
@@ -161,12 +172,6 @@ class TrainStep:
   def lower(self):
     return self.jitted.lower(self.state, self.batch, self.frozen)
 
-  def compile(self):
-    import time  # pylint: disable=import-outside-toplevel
-    t0 = time.perf_counter()
-    self.compiled = self.lower().compile()
-    return time.perf_counter() - t0
-
   def step(self):
     self.state, metrics = self.compiled(self.state, self.batch, self.frozen)
     return metrics
@@ -186,7 +191,7 @@ class TrainStep:
     return np.asarray(jax.random.normal(k_n, x0.shape, jnp.float32)), np.asarray(t)
 
 
-class Sampler:
+class Sampler(_Compiled):
   """40 DDIM steps with classifier-free guidance as one compiled `lax.scan`
   (ddm_jax.diffusion.samplers.ddim + make_denoiser); the UNet runs on [uncond; cond]."""
 
@@ -219,19 +224,12 @@ class Sampler:
   def lower(self):
     return self.jitted.lower(self.params, self.context, self.x_t)
 
-  def compile(self):
-    import time  # pylint: disable=import-outside-toplevel
-    t0 = time.perf_counter()
-    self.compiled = self.lower().compile()
-    return time.perf_counter() - t0
-
   def run(self, x_t=None):
     return self.compiled(self.params, self.context, self.x_t if x_t is None else x_t)
 
 
 def matmul_peak(dtype, n, reps=5):
   """Best-of-`reps` GFLOP/s of an n x n x n matmul on the default device."""
-  import time  # pylint: disable=import-outside-toplevel
   f = jax.jit(lambda a, b: a @ b)
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
