@@ -235,7 +235,14 @@ class Checkpointer:
     return target
 
   def close(self):
-    self.manager.close()
+    # manager.close() waits for the background write and re-raises its failure (EFBIG,
+    # ENOSPC); when it runs in the loop's `finally` after wait() already raised, a raw
+    # exception here would replace our one-line CheckpointError (exit 1, a traceback).
+    try:
+      self.manager.close()
+    except Exception as e:
+      raise CheckpointError(f'closing the checkpoints in {self.directory} failed: '
+                            f'{_one_line(e)}') from e
 
 
 def check_compatible(saved, config, workdir):
