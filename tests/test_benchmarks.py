@@ -236,3 +236,21 @@ def test_op_profile_kinds_and_shares(tmp_path):
   ops = op_profile.jax_ops(str(tmp_path))
   assert ops and all(not op_profile._JAX_RUNTIME.search(n) for n in ops)  # pylint: disable=protected-access
   assert any(op_profile.kind_of(n) == 'matmul' for n in ops)
+
+
+# ------------------------------------------------------------------ the kernel comparison
+
+def test_kernel_timing_takes_turns_and_ratios_are_torch_over_jax():
+  pytest.importorskip('torch')
+  from benchmarks import kernels
+  calls = []
+  med = kernels.interleaved_medians({'a': lambda: calls.append('a'),
+                                     'b': lambda: calls.append('b')}, reps=4, block=2)
+  # warm-up (2 each), then blocks of 2 taking turns until 4 timed calls each
+  assert calls == list('aabb' 'aabb' 'aabb') and set(med) == {'a', 'b'}
+  rows = kernels.main(['--quick', '--reps', '2'])
+  conv = next(r for r in rows if r['kind'] == 'conv')
+  assert set(conv['jax_ms']) == {'xla fwd', 'xla fwd+bwd', 'im2col fwd', 'im2col fwd+bwd'}
+  for label, ms in conv['jax_ms'].items():
+    assert conv['ratio'][label] == pytest.approx(
+        conv['torch_ms'][label.split(' ')[-1]] / ms, rel=1e-2)
