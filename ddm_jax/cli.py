@@ -90,12 +90,14 @@ def load_trained(workdir, use_ema=True):
   tx = make_optimizer(config.optim, config.train.num_steps)
   mesh = parallel.make_mesh()
   repl = parallel.replicated(mesh)
-  abstract = jax.eval_shape(lambda k: create_train_state(ddm.init(k), tx), jax.random.key(0))
+  abstract = jax.eval_shape(
+      lambda k: create_train_state(ddm.init(k), tx, ema=config.train.ema_decay > 0),
+      jax.random.key(0))
   target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                                   abstract)
   state, _ = ckpt.restore(step, target, with_data=False)
   ckpt.close()
-  params = state.ema_params if use_ema else state.params
+  params = state.sample_params if use_ema else state.params
   return config, ddm, params, jax.device_put(ddm.frozen(), repl), mesh, step
 
 

@@ -47,11 +47,13 @@ def tiny_ddm(root, seed=0, **overrides):
 
 
 def write_workdir(workdir, config, params, step=1):
-  """A train.py workdir whose latest checkpoint holds `params` (and as EMA params)."""
+  """A train.py workdir whose latest checkpoint holds `params` (and as EMA params where
+  the config keeps an EMA)."""
   from ddm_jax.training.checkpoint import Checkpointer
   from ddm_jax.training.optim import make_optimizer
   from ddm_jax.training.state import create_train_state
-  state = create_train_state(params, make_optimizer(config.optim, config.train.num_steps))
+  state = create_train_state(params, make_optimizer(config.optim, config.train.num_steps),
+                             ema=config.train.ema_decay > 0)
   ckpt = Checkpointer(str(workdir), async_save=False)
   ckpt.save(step, state, config)
   ckpt.wait()

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ddm_jax.errors import CheckpointError
-from ddm_jax.training.checkpoint import Checkpointer, abstract_like
+from ddm_jax.training.checkpoint import Checkpointer, _one_line, abstract_like
 from tests.helpers import (REPO, TINY_KEYS, config_overrides, read_jsonl, shared_data_dir,
                            subprocess_env, tiny_config)
 
@@ -60,14 +61,22 @@ def argv(data_dir, workdir, **extra):
 
 
 class Run:
-  """One train.py subprocess; stdout/stderr go to files next to the workdir."""
+  """One train.py subprocess; stdout/stderr go to files next to the workdir. With `pipe`
+  they go through pipes that this process copies to the files, so that a limit set on the
+  child by `preexec_fn` (RLIMIT_FSIZE) does not cut its own stderr short."""
 
-  def __init__(self, args, env, log_prefix, preexec_fn=None, script=None):
+  def __init__(self, args, env, log_prefix, preexec_fn=None, script=None, pipe=False):
     self.out_path, self.err_path = f'{log_prefix}.out', f'{log_prefix}.err'
-    self._out, self._err = open(self.out_path, 'w'), open(self.err_path, 'w')
+    self._out, self._err = open(self.out_path, 'wb'), open(self.err_path, 'wb')
     cmd = [sys.executable] + (['-c', script] + args[1:] if script else args)
-    self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._out, stderr=self._err,
-                                 preexec_fn=preexec_fn)
+    to = (subprocess.PIPE, subprocess.PIPE) if pipe else (self._out, self._err)
+    self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=to[0], stderr=to[1],
+                                 preexec_fn=preexec_fn, bufsize=0)
+    self._copiers = [threading.Thread(target=shutil.copyfileobj, args=(src, dst), daemon=True)
+                     for src, dst in [(self.proc.stdout, self._out), (self.proc.stderr, self._err)]
+                     if src is not None]
+    for t in self._copiers:
+      t.start()
 
   def alive(self):
     return self.proc.poll() is None
@@ -79,6 +88,8 @@ class Run:
       if self.proc.poll() is None:
         self.proc.kill()
         self.proc.wait()
+      for t in self._copiers:
+        t.join(timeout=60)
       self._out.close()
       self._err.close()
     with open(self.out_path) as f:
@@ -492,7 +503,10 @@ def test_failed_checkpoint_write_stops_and_keeps_older_ones(reference, data_dir,
   def limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-  r = run(argv(data_dir, workdir), env, str(tmp_path / 'log'), preexec_fn=limit_file_size)
+  # pipe: the limit is for the checkpoint files; orbax's logs of the failure alone can fill
+  # 64 KiB of stderr, and a stderr file under the same limit then refuses our error line.
+  r = run(argv(data_dir, workdir), env, str(tmp_path / 'log'), preexec_fn=limit_file_size,
+          pipe=True)
   assert r.proc.returncode == 2, r.describe()
   # orbax's background threads log their own tracebacks meanwhile, and may interleave
   # with our line, so look for it anywhere in a line.
@@ -505,6 +519,18 @@ def test_failed_checkpoint_write_stops_and_keeps_older_ones(reference, data_dir,
   assert committed(workdir) == [N - 2 * EVERY]
   after = file_hashes(ckpt_dir(workdir))
   assert {k: v for k, v in after.items() if k.startswith(f'{N - 2 * EVERY}/')} == before
+
+
+def test_a_write_error_keeps_its_os_reason_when_tensorstore_appends_its_spec():
+  """Tensorstore ends some errors with a long dump of its spec, after the OS reason; the
+  one-line error must keep the reason (seen when EFBIG hit an array's .zarray)."""
+  spec = '{\\"driver\\":\\"zarr\\",' + ','.join(f'\\"k{i}\\":{i}' for i in range(200)) + '}'
+  raw = ('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "params.w/.zarray" in OCDBT '
+         f'database at local file "/x/{"d" * 300}/": Failed to write 252660 bytes to file 9: '
+         f"File too large [os_error_code='27'] [tensorstore_spec='{spec}']")
+  line = _one_line(ValueError(raw))
+  assert line.endswith("File too large [os_error_code='27']"), line
+  assert 'tensorstore_spec' not in line and len(line) <= 405
 
 
 def _make_read_only(path):

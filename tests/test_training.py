@@ -91,3 +91,37 @@ def test_resume_is_bit_identical(data_dir, tmp_path):
   again = train(config, split_dir, progress=False)
   _assert_trees_equal(resumed.params, again.params, 'params after a no-op rerun')
   assert len(read_jsonl(os.path.join(split_dir, 'metrics.jsonl'))) == n
+
+
+def test_ema_decay_zero_keeps_no_copy_and_resuming_across_the_change_works(data_dir, tmp_path):
+  """train.ema_decay 0 keeps no EMA buffer (sampling uses the params). A run resumed with the
+  EMA switched on or off restores its checkpoint (a mismatch must not read as damage) and
+  starts the EMA from the restored params, or drops it."""
+  n = 4
+  base = {'train.num_steps': n, 'train.checkpoint_every': n // 2, 'train.log_every': 1}
+  polls = []
+
+  def stop_at_half():
+    polls.append(1)
+    return len(polls) % (n // 2) == 0
+
+  off_dir = str(tmp_path / 'off_then_on')
+  half = train(tiny_config(data_dir, **base, **{'train.ema_decay': 0.0}), off_dir,
+               should_stop=stop_at_half, progress=False)
+  assert half.ema_params is None and half.sample_params is half.params
+  on = train(tiny_config(data_dir, **base, **{'train.ema_decay': 0.9}), off_dir, progress=False)
+  assert int(on.step) == n and on.ema_params is not None
+  assert not os.path.exists(os.path.join(off_dir, 'corrupt_checkpoints'))
+  assert jax.tree_util.tree_structure(on.ema_params) == jax.tree_util.tree_structure(on.params)
+  # started from the params restored at step n/2, it lags behind the params at step n
+  assert any(np.any(e != p) for e, p in zip(jax.tree_util.tree_leaves(_np(on.ema_params)),
+                                            jax.tree_util.tree_leaves(_np(on.params))))
+
+  on_dir = str(tmp_path / 'on_then_off')
+  polls.clear()
+  half = train(tiny_config(data_dir, **base, **{'train.ema_decay': 0.9}), on_dir,
+               should_stop=stop_at_half, progress=False)
+  assert half.ema_params is not None
+  off = train(tiny_config(data_dir, **base, **{'train.ema_decay': 0.0}), on_dir, progress=False)
+  assert int(off.step) == n and off.ema_params is None
+  assert not os.path.exists(os.path.join(on_dir, 'corrupt_checkpoints'))

@@ -7,9 +7,11 @@ config (item `checksums`), computed from the values in memory when it is saved:
 a restore that reads back anything else (a truncated or edited file) is refused,
 and `restore_latest` moves that checkpoint aside and falls back to the previous one.
 """
+import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -17,6 +19,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from ddm_jax.errors import CheckpointError, ConfigError
 
@@ -47,8 +50,11 @@ def config_to_json(config):
 
 
 def _one_line(error, limit=400):
-  """The error on one line; a long one keeps its head and its tail (where the OS reason is)."""
-  text = ' '.join(str(error).split()) or type(error).__name__
+  """The error on one line; a long one keeps its head and its tail (where the OS reason is).
+  Tensorstore appends a dump of its spec after the reason ("... File too large
+  [os_error_code='27'] [tensorstore_spec='{...}']"): dropped, or the tail would be that."""
+  text = re.sub(r" ?\[tensorstore_spec='[^']*'\]", '', ' '.join(str(error).split()))
+  text = text or type(error).__name__
   return text if len(text) <= limit else f'{text[:limit // 2]} ... {text[-limit // 2:]}'
 
 
@@ -79,7 +85,8 @@ class Checkpointer:
   def __init__(self, workdir, keep=3, async_save=True):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.corrupt_directory = os.path.abspath(os.path.join(workdir, 'corrupt_checkpoints'))
-    self._pending = None  # step of the last save whose completion was not yet checked
+    self._step = None  # step of the last save started (named when a write fails)
+    self._pending = None  # that step, until its completion is checked
     try:
       self.manager = ocp.CheckpointManager(
           self.directory,
@@ -116,23 +123,30 @@ class Checkpointer:
       args['data'] = grain.checkpoint.CheckpointSave(_IteratorState(iterator_state))
       checksums['data'] = json_digest(iterator_state)
     args['checksums'] = ocp.args.JsonSave(checksums)
+    self._step = int(step)
+    with self._writing():  # also a previous async save's failure, re-raised by orbax here
+      saved = self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
     self._pending = int(step)
+    return saved
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Around every orbax call that can raise a failed write (disk full, read-only, ...):
+    save()'s blocking part, and each call that re-raises a background write's error later
+    (save(), wait_until_finished(), check_for_errors(), close()). Which one surfaces it
+    depends on timing, so all give the same CheckpointError, naming the step."""
     try:
-      return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
-    except Exception as e:  # disk full, read-only, ... : stop with the reason, keep older ones
-      self._pending = None
-      raise CheckpointError(f'writing checkpoint {step} to {self.directory} failed: '
-                            f'{_one_line(e)}') from e
+      yield
+    except Exception as e:
+      what = 'checkpoints' if self._step is None else f'checkpoint {self._step}'
+      raise CheckpointError(f'writing {what} to {self.directory} failed: {_one_line(e)}') from e
 
   def wait(self):
     """Blocks until the last save is written; CheckpointError if it failed."""
     step, self._pending = self._pending, None
-    try:
+    with self._writing():
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
-    except Exception as e:
-      raise CheckpointError(f'writing checkpoint {step} to {self.directory} failed: '
-                            f'{_one_line(e)}') from e
     if step is not None and jax.process_index() == 0 and not os.path.isdir(
         os.path.join(self.directory, str(step))):
       raise CheckpointError(f'writing checkpoint {step} to {self.directory} failed '
@@ -160,6 +174,8 @@ class Checkpointer:
     """-> (state, iterator_state or None), checked against the checkpoint's checksums."""
     where = os.path.join(self.directory, str(step))
     has_sums = os.path.isdir(os.path.join(where, 'checksums'))
+    wanted = abstract_state
+    abstract_state = _as_saved_ema(abstract_state, where)
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if with_data:
       args['data'] = grain.checkpoint.CheckpointRestore(_IteratorState())
@@ -173,7 +189,7 @@ class Checkpointer:
     state, it_state = out['state'], (out['data'].state if with_data else None)
     if not has_sums:  # written before checksums existed
       print(f'warning: checkpoint {where} has no checksums; restored unverified', file=sys.stderr)
-      return state, it_state
+      return _with_wanted_ema(state, wanted), it_state
     sums = out['checksums'] if isinstance(out['checksums'], dict) else {}
     checks = [('state', lambda: state_digest(state)),
               ('config', lambda: json_digest(self.read_config(step)))]
@@ -183,7 +199,7 @@ class Checkpointer:
       if sums.get(item) != digest():
         raise CheckpointError(f'checkpoint {where} is corrupt: its {item} does not match the '
                               'checksum written with it (truncated or modified files)')
-    return state, it_state
+    return _with_wanted_ema(state, wanted), it_state
 
   def restore_latest(self, abstract_state, check_config=None, with_data=True):
     """-> (step, state, iterator_state) of the newest intact checkpoint; (None, None, None)
@@ -235,14 +251,16 @@ class Checkpointer:
     return target
 
   def close(self):
-    # manager.close() waits for the background write and re-raises its failure (EFBIG,
-    # ENOSPC); when it runs in the loop's `finally` after wait() already raised, a raw
-    # exception here would replace our one-line CheckpointError (exit 1, a traceback).
+    """wait(), then shuts orbax's manager down (it waits again, and may re-raise the failure
+    wait() already reported: that one is not raised a second time)."""
     try:
+      self.wait()
+    except CheckpointError:
+      with contextlib.suppress(Exception):
+        self.manager.close()
+      raise
+    with self._writing():
       self.manager.close()
-    except Exception as e:
-      raise CheckpointError(f'closing the checkpoints in {self.directory} failed: '
-                            f'{_one_line(e)}') from e
 
 
 def check_compatible(saved, config, workdir):
@@ -255,6 +273,28 @@ def check_compatible(saved, config, workdir):
       raise ConfigError(
           f'{workdir} holds checkpoints of a different model (config.{section}: '
           f'{", ".join(diff) or section} differ); use a new --workdir or the saved config')
+
+
+def _as_saved_ema(abstract_state, where):
+  """A train state keeps EMA params only while train.ema_decay > 0. Restore what the
+  checkpoint holds (a mismatch would read as a damaged checkpoint); _with_wanted_ema
+  then drops the EMA or starts it from the params."""
+  if not hasattr(abstract_state, 'ema_params'):
+    return abstract_state
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / 'state')
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'checkpoint {where} is damaged, reading its metadata failed: '
+                          f'{_one_line(e, 240)}') from e
+  keeps = 'ema_params' in saved and saved['ema_params'] is not None
+  return abstract_state.replace(ema_params=abstract_state.params if keeps else None)
+
+
+def _with_wanted_ema(state, wanted):
+  if not hasattr(wanted, 'ema_params') or (state.ema_params is None) == (wanted.ema_params is None):
+    return state
+  return state.replace(ema_params=None if wanted.ema_params is None else
+                       jax.tree_util.tree_map(lambda p: p.copy(), state.params))
 
 
 def abstract_like(tree):

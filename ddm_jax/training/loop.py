@@ -89,7 +89,7 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
                                     extra_fn=getattr(ddm, 'host_features', None))
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optim, num_steps)
-  init_fn = lambda rng: create_train_state(ddm.init(rng), tx)
+  init_fn = lambda rng: create_train_state(ddm.init(rng), tx, ema=config.train.ema_decay > 0)
   init_key = jax.random.fold_in(jax.random.key(config.train.seed), -1 % (2 ** 31))
   abstract = jax.eval_shape(init_fn, init_key)
   state_sh = _replicate_tree(abstract, repl)
@@ -155,7 +155,7 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
         if sample_gen is None:
           sample_gen = make_generator(ddm, mesh, config.sample.sampler, config.sample.steps,
                                       config.sample.eta, **sampler_extra(ddm))
-        imgs = generate(sample_gen, state.ema_params, frozen, config.train.num_sample_images,
+        imgs = generate(sample_gen, state.sample_params, frozen, config.train.num_sample_images,
                         jax.random.key(config.train.seed), config.train.num_sample_images,
                         progress=False)
         if is_main:
@@ -171,10 +171,7 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
   finally:
     pbar.close()
     writer.close()
-    try:
-      ckpt.wait()
-    finally:
-      ckpt.close()
+    ckpt.close()  # waits for the last write: CheckpointError if it failed
   return state
 
 

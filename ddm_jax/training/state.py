@@ -12,14 +12,22 @@ class TrainState:
   step: jnp.ndarray
   params: Any       # trainable: {'unet': ..., 'indicator': ...} (or LoRA + indicator)
   opt_state: Any
-  ema_params: Any   # exponential moving average of params, used for sampling
+  ema_params: Any   # exponential moving average of params, used for sampling; None without EMA
   nonfinite_count: jnp.ndarray       # steps whose loss or gradient was NaN/Inf (update skipped)
   first_nonfinite_step: jnp.ndarray  # -1 while every step has been finite
 
 
-def create_train_state(params, tx):
+  @property
+  def sample_params(self):
+    """The params to sample with: the EMA where one is kept."""
+    return self.params if self.ema_params is None else self.ema_params
+
+
+def create_train_state(params, tx, ema=True):
+  """`ema=False` (train.ema_decay 0) keeps no EMA copy: with decay 0 it would only equal
+  the params, at the cost of a params-sized buffer and a pass over it every step."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None,
                     nonfinite_count=jnp.zeros((), jnp.int32),
                     first_nonfinite_step=jnp.full((), -1, jnp.int32))
 

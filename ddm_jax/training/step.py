@@ -27,8 +27,9 @@ def make_train_step(ddm, config, tx):
     def update(state):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return state.replace(params=params, opt_state=opt_state,
-                           ema_params=ema_update(state.ema_params, params, decay, state.step))
+      ema = None if state.ema_params is None else ema_update(state.ema_params, params, decay,
+                                                             state.step)
+      return state.replace(params=params, opt_state=opt_state, ema_params=ema)
 
     # A non-finite step changes nothing but the step and the counters, so no NaN
     # ever reaches the parameters (or a checkpoint); the loop decides to stop or go on.
