@@ -9,7 +9,8 @@ and forward + backward for input and kernel), GroupNorm + SiLU (forward + backwa
 attention (forward + backward). JAX runs XLA's own lowering and, for convolutions, the
 library's im2col path (`ddm_jax.models.blocks.conv_general_dilated` with every size
 allowed); PyTorch runs its eager kernels (oneDNN) as the reference does. The two frameworks
-take turns in blocks of five calls, so load from elsewhere hits both. Prints one JSON line per kernel:
+take turns in blocks of ten timed calls (after two untimed ones), so load from elsewhere hits
+both. Prints one JSON line per kernel:
 median ms for each, and ratio = PyTorch ms / JAX ms (> 1: JAX faster).
 """
 import argparse
@@ -23,17 +24,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def interleaved_medians(fns, reps, block=5):
-  """{name: fn} -> {name: median seconds of `reps` calls}. The fns take turns in blocks of
-  `block` calls after a warm-up (call by call, one framework's idle threads still spinning
-  would slow the other's next call)."""
+def interleaved_medians(fns, reps, block=10, warm=2):
+  """{name: fn} -> {name: median seconds of `reps` timed calls}. The fns take turns in
+  blocks of `block` timed calls, each block after `warm` untimed ones: right after a switch
+  the other framework's threads are still spinning and would slow the first calls."""
   times = {name: [] for name in fns}
-  for r in range(-1, -(-reps // block)):
+  for _ in range(-(-reps // block)):
     for name, fn in fns.items():
-      for _ in range(block if r >= 0 else 2):
+      for i in range(warm + block):
         t0 = time.perf_counter()
         fn()
-        if r >= 0:
+        if i >= warm:
           times[name].append(time.perf_counter() - t0)
   return {name: float(np.median(t)) for name, t in times.items()}
 

@@ -154,6 +154,12 @@ def aggregate(preset, jax_runs, torch_runs, peaks, loads):
     line.update(torch_device=t0['device'], torch_threads=t0['threads'], torch_sdpa=t0['sdpa'],
                 torch_attention=t0['attention_processors'], torch_channels_last=t0['channels_last'],
                 torch_autocast_bf16=t0['autocast_bf16'])
+  for fw, runs in (('jax', jv[jb]['runs'] if jb else []), ('torch', tv[tb]['runs'] if tb else [])):
+    for key in ('minor_faults_per_step', 'sys_s_per_step'):
+      if runs and all(key in r for r in runs):
+        line[f'{fw}_{key}'] = metrics.summary([r[key] for r in runs])['median']
+    if runs:
+      line[f'{fw}_glibc_tunables'] = runs[0].get('glibc_tunables', '')
   if jb and tb and preset.kind == 'train':
     line['loss_first'] = {'jax': jv[jb]['runs'][0]['loss_first'],
                           'torch': tv[tb]['runs'][0]['loss_first']}

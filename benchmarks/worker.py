@@ -33,22 +33,29 @@ def _rss_mib():
 
 def _base(framework, preset=None):
   out = {'framework': framework, 'pid': os.getpid(), 'python': platform.python_version(),
-         'load_start': os.getloadavg()[0]}
+         'load_start': os.getloadavg()[0], 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')}
   if preset is not None:
     out.update(preset.describe())
   return out
 
 
-def _timed(fn, n, budget_s=0.0):
+def _timed(fn, n, budget_s=0.0, usage=None):
   """Times `n` calls; with a budget, stops early (after at least 2) once the timed calls
-  have taken `budget_s` seconds in all (a pathologically slow configuration under load)."""
-  times = []
+  have taken `budget_s` seconds in all (a pathologically slow configuration under load).
+  `usage` (a dict) gets the process's minor page faults and user / kernel CPU seconds per
+  call: memory the allocator hands back to the OS and takes again every step shows there."""
+  times, before = [], resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(n):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
     if budget_s and len(times) >= 2 and sum(times) > budget_s:
       break
+  if usage is not None:
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage.update(minor_faults_per_step=(after.ru_minflt - before.ru_minflt) / len(times),
+                 user_s_per_step=(after.ru_utime - before.ru_utime) / len(times),
+                 sys_s_per_step=(after.ru_stime - before.ru_stime) / len(times))
   return times
 
 
@@ -90,7 +97,7 @@ def run_jax(preset, allow_cpu, budget_s=0.0, threads=0):
     out['flops'] = metrics.scan_flops(flops, preset.sample_steps)
     one = lambda: np.asarray(bench.run())
   warm = _timed(one, preset.warmup)
-  times = _timed(one, preset.steps, budget_s)
+  times = _timed(one, preset.steps, budget_s, usage=out)
   if preset.kind == 'train':
     jax.block_until_ready(bench.state)
     out['loss_first'], out['loss_last'] = losses[0], losses[-1]
@@ -137,7 +144,7 @@ def run_torch(preset, allow_cpu, threads=0, budget_s=0.0):
       bench.sync()
       x.float().cpu()
   warm = _timed(one, preset.warmup)
-  times = _timed(one, preset.steps, budget_s)
+  times = _timed(one, preset.steps, budget_s, usage=out)
   if preset.kind == 'train':
     out['loss_first'], out['loss_last'] = losses[0], losses[-1]
   out.update(first_call_s=warm[0], warmup_s=warm, step_s=times)

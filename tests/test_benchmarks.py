@@ -116,6 +116,10 @@ def test_aggregate_line():
   assert line['torch_peak_frac'] == pytest.approx(2e9 / 0.22 / 1e9 / 100, rel=1e-3)
   assert line['torch_sdpa'] is True and line['torch_channels_last'] is False
   assert line['load_1min']['median'] == 2.0
+  assert 'jax_minor_faults_per_step' not in line     # workers that did not count them
+  counted = [dict(r, minor_faults_per_step=f, sys_s_per_step=0.1, glibc_tunables='')
+             for r, f in zip(jax_runs, (100.0, 40000.0, 300.0))]
+  assert aggregate(p, counted, torch_runs, peaks, [1.0])['jax_minor_faults_per_step'] == 300.0
   # several PyTorch configurations: the ratio is against the fastest, all are listed
   one_thread = [dict(r, threads=1, step_s=[0.15] * 3) for r in torch_runs]
   both = aggregate(p, jax_runs, {'torch': torch_runs, 'torch:1': one_thread}, peaks, [1.0])
@@ -245,9 +249,9 @@ def test_kernel_timing_takes_turns_and_ratios_are_torch_over_jax():
   from benchmarks import kernels
   calls = []
   med = kernels.interleaved_medians({'a': lambda: calls.append('a'),
-                                     'b': lambda: calls.append('b')}, reps=4, block=2)
-  # warm-up (2 each), then blocks of 2 taking turns until 4 timed calls each
-  assert calls == list('aabb' 'aabb' 'aabb') and set(med) == {'a', 'b'}
+                                     'b': lambda: calls.append('b')}, reps=4, block=2, warm=1)
+  # blocks of 1 untimed + 2 timed calls, taking turns until 4 timed calls each
+  assert calls == list('aaabbb' 'aaabbb') and set(med) == {'a', 'b'}
   rows = kernels.main(['--quick', '--reps', '2'])
   conv = next(r for r in rows if r['kind'] == 'conv')
   assert set(conv['jax_ms']) == {'xla fwd', 'xla fwd+bwd', 'im2col fwd', 'im2col fwd+bwd'}
