@@ -16,7 +16,6 @@ class TrainState:
   nonfinite_count: jnp.ndarray       # steps whose loss or gradient was NaN/Inf (update skipped)
   first_nonfinite_step: jnp.ndarray  # -1 while every step has been finite
 
-
   @property
   def sample_params(self):
     """The params to sample with: the EMA where one is kept."""
