@@ -10,8 +10,8 @@ attention (forward + backward). JAX runs XLA's own lowering and, for convolution
 library's im2col path (`ddm_jax.models.blocks.conv_general_dilated` with every size
 allowed); PyTorch runs its eager kernels (oneDNN) as the reference does. The two frameworks
 take turns in blocks of ten timed calls (after two untimed ones), so load from elsewhere hits
-both. Prints one JSON line per kernel:
-median ms for each, and ratio = PyTorch ms / JAX ms (> 1: JAX faster).
+both. Prints one JSON line per kernel: median ms for each, and ratio = PyTorch ms / JAX ms
+(> 1: JAX faster). BENCHMARKS.md quotes it.
 """
 import argparse
 import json
