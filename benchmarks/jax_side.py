@@ -157,7 +157,7 @@ class TrainStep(_Compiled):
     mesh = parallel.make_mesh()
     repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     self.tx = make_optimizer(self.config.optim, self.config.train.num_steps)
-    state = create_train_state(ddm.init(), self.tx, ema=False)   # ema_decay 0, as the reference
+    state = create_train_state(ddm.init(), self.tx, self.config.train.ema_decay)
     state_sh = jax.tree_util.tree_map(lambda _: repl, state)
     self.state = jax.device_put(state, state_sh)
     b = inputs.train_batch(preset)

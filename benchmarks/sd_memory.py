@@ -120,7 +120,7 @@ def main(argv):
   tx = make_optimizer(config.optim, config.train.num_steps)
   mesh = parallel.make_mesh()
   repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  state = create_train_state(params, tx)
+  state = create_train_state(params, tx, config.train.ema_decay)
   state_sh = jax.tree_util.tree_map(lambda _: repl, state)
   rng = np.random.default_rng(0)
   batch = {'latent': rng.standard_normal((b, r, r, 4)).astype(np.float32),

@@ -36,7 +36,7 @@ def main(argv):
   repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   ddm = build_ddm(config)
   tx = make_optimizer(config.optim, config.train.num_steps)
-  init = lambda k: create_train_state(ddm.init(k), tx, ema=config.train.ema_decay > 0)
+  init = lambda k: create_train_state(ddm.init(k), tx, config.train.ema_decay)
   abstract = jax.eval_shape(init, jax.random.key(0))
   state_sh = jax.tree_util.tree_map(lambda _: repl, abstract)
   state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))

@@ -90,9 +90,8 @@ def load_trained(workdir, use_ema=True):
   tx = make_optimizer(config.optim, config.train.num_steps)
   mesh = parallel.make_mesh()
   repl = parallel.replicated(mesh)
-  abstract = jax.eval_shape(
-      lambda k: create_train_state(ddm.init(k), tx, ema=config.train.ema_decay > 0),
-      jax.random.key(0))
+  abstract = jax.eval_shape(lambda k: create_train_state(ddm.init(k), tx, config.train.ema_decay),
+                            jax.random.key(0))
   target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                                   abstract)
   state, _ = ckpt.restore(step, target, with_data=False)

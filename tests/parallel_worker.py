@@ -70,7 +70,7 @@ def main():
   repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   ddm = build_ddm(config)
   tx = make_optimizer(config.optim, config.train.num_steps)
-  init_fn = lambda rng: create_train_state(ddm.init(rng), tx)  # noqa: E731
+  init_fn = lambda rng: create_train_state(ddm.init(rng), tx, config.train.ema_decay)  # noqa: E731
   init_key = jax.random.fold_in(jax.random.key(config.train.seed), -1 % (2 ** 31))
   abstract = jax.eval_shape(init_fn, init_key)
   state_sh = jax.tree_util.tree_map(lambda _: repl, abstract)

@@ -53,7 +53,7 @@ def write_workdir(workdir, config, params, step=1):
   from ddm_jax.training.optim import make_optimizer
   from ddm_jax.training.state import create_train_state
   state = create_train_state(params, make_optimizer(config.optim, config.train.num_steps),
-                             ema=config.train.ema_decay > 0)
+                             config.train.ema_decay)
   ckpt = Checkpointer(str(workdir), async_save=False)
   ckpt.save(step, state, config)
   ckpt.wait()

@@ -115,7 +115,7 @@ def test_training_moves_only_lora_and_indicator(folder):
                                 'optim.lr': 1e-2, 'train.batch_size': 2})
   ddm = LatentDDM(config)
   tx = make_optimizer(config.optim, config.train.num_steps)
-  state = create_train_state(ddm.init(jax.random.key(0)), tx)
+  state = create_train_state(ddm.init(jax.random.key(0)), tx, config.train.ema_decay)
   assert set(state.params) == {'unet_lora', 'text_lora', 'indicator'}
   # the optimizer holds moments for the trainable params only (AdamW: two per leaf)
   n_train = sum(a.size for a in jax.tree_util.tree_leaves(state.params))

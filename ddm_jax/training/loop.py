@@ -89,7 +89,7 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
                                     extra_fn=getattr(ddm, 'host_features', None))
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optim, num_steps)
-  init_fn = lambda rng: create_train_state(ddm.init(rng), tx, ema=config.train.ema_decay > 0)
+  init_fn = lambda rng: create_train_state(ddm.init(rng), tx, config.train.ema_decay)
   init_key = jax.random.fold_in(jax.random.key(config.train.seed), -1 % (2 ** 31))
   abstract = jax.eval_shape(init_fn, init_key)
   state_sh = _replicate_tree(abstract, repl)

@@ -22,11 +22,12 @@ class TrainState:
     return self.params if self.ema_params is None else self.ema_params
 
 
-def create_train_state(params, tx, ema=True):
-  """`ema=False` (train.ema_decay 0) keeps no EMA copy: with decay 0 it would only equal
-  the params, at the cost of a params-sized buffer and a pass over it every step."""
+def create_train_state(params, tx, ema_decay):
+  """An EMA copy of the params is kept while `ema_decay` (train.ema_decay) > 0: with decay 0
+  it would only equal the params, at the cost of a params-sized buffer and a pass over it
+  every step."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None,
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay > 0 else None,
                     nonfinite_count=jnp.zeros((), jnp.int32),
                     first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
