@@ -6,7 +6,7 @@ Writes DIR/eval/report.json, report.md, proportions.png and samples_by_group.png
 """
 import sys
 
-from ddm_jax.evaluation.report import evaluate_main
+from ddm_jax.cli.evaluate import main
 
 if __name__ == '__main__':
-  sys.exit(evaluate_main())
+  sys.exit(main())

@@ -6,7 +6,7 @@ see ddm_jax/interop/export.py.
 """
 import sys
 
-from ddm_jax.interop.export import export_main
+from ddm_jax.cli.export import main
 
 if __name__ == '__main__':
-  sys.exit(export_main())
+  sys.exit(main())

@@ -6,7 +6,7 @@ Stable Diffusion workdirs (config.model.pretrained): LoRA merged, PNDM 40 steps 
 """
 import sys
 
-from ddm_jax.cli import sample_main
+from ddm_jax.cli.sample import main
 
 if __name__ == '__main__':
-  sys.exit(sample_main())
+  sys.exit(main())

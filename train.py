@@ -1,7 +1,7 @@
 """Train a DDM: python train.py --config=configs/digits.py --workdir=DIR [--config.KEY=VALUE ...]"""
 import sys
 
-from ddm_jax.cli import train_main
+from ddm_jax.cli.train import main
 
 if __name__ == '__main__':
-  sys.exit(train_main())
+  sys.exit(main())

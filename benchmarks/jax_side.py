@@ -4,7 +4,8 @@ The train step is the library's (`training.step.make_train_step` + `jit_train_st
 over a mesh, donated state, `training.optim.make_optimizer` with clip-by-value and
 AdamW, `objective.ddm_loss`), fed through a DDM object whose `prepare_batch`
 passes cached latents and a text embedding (the PyTorch reference gets the same).
-LoRA goes through `models.lora` exactly as `latent.LatentDDM.model_fn` applies it.
+LoRA goes through `LatentDDM.model_fn` itself (the UNet from the preset, no VAE or text
+encoder). The state, shardings and step come from `training.setup.TrainSetup`.
 Weights come from benchmarks/weights.py (numpy, identical to the PyTorch side).
 """
 import time
@@ -16,18 +17,15 @@ import numpy as np
 
 from benchmarks import inputs, weights
 from benchmarks.presets import LOSS, OPTIM, SCHEDULE
-from ddm_jax.ddm import DDM
+from ddm_jax import parallel
+from ddm_jax.ddm import DDM, LatentDDM
 from ddm_jax.diffusion import samplers
 from ddm_jax.diffusion.schedules import make_schedule
 from ddm_jax.interop.diffusers import expected_params, path_to_torch_key
-from ddm_jax.latent import LatentDDM
 from ddm_jax.models import lora as lora_lib
 from ddm_jax.models.indicator import Indicator
 from ddm_jax.models.unet import unet_from_config
-from ddm_jax.training import parallel
-from ddm_jax.training.optim import make_optimizer
-from ddm_jax.training.state import create_train_state
-from ddm_jax.training.step import jit_train_step, make_train_step
+from ddm_jax.training.setup import TrainSetup
 
 
 def run_config(preset):
@@ -98,7 +96,7 @@ def _latent_cond(self, frozen, batch, rng):  # pylint: disable=unused-argument
 class FullDDM(DDM):
   """Full fine-tune of UNet + indicator on cached latents with a text embedding."""
 
-  def __init__(self, preset, seed, lora_b_std=0.0):  # pylint: disable=super-init-not-called,unused-argument
+  def __init__(self, preset, seed, lora_b_std=0.0):  # pylint: disable=unused-argument
     self.config, self.preset, self.seed = run_config(preset), preset, seed
     self.unet = build_unet(preset)
     self.indicator = Indicator(preset.num_groups, tuple(preset.indicator_hidden))
@@ -114,15 +112,26 @@ class FullDDM(DDM):
 
   prepare_batch = _latent_cond
 
+  def model_fn(self, params, frozen, x_t, t, context=None):
+    return self.unet.apply({'params': params['unet']}, x_t, t, context)
 
-class LoraDDM(LatentDDM):
-  """LatentDDM's LoRA model_fn on a UNet built from the preset (no VAE, no text encoder)."""
+  def indicator_fn(self, params, eps_pred):
+    return self.indicator.apply({'params': params['indicator']}, eps_pred)
 
-  def __init__(self, preset, seed, lora_b_std=0.0):  # pylint: disable=super-init-not-called
-    FullDDM.__init__(self, preset, seed)
+
+class LoraDDM(FullDDM):
+  """LatentDDM's own LoRA model_fn on the preset's UNet (frozen base, trained adapters)."""
+  model_fn = LatentDDM.model_fn
+  _lora = LatentDDM._lora
+
+  def __init__(self, preset, seed, lora_b_std=0.0):
+    super().__init__(preset, seed)
     self.unet_scale = preset.lora['alpha'] / preset.lora['r']
     self._frozen = {'unet': unet_params(preset, self.unet, seed)}
     self._lora_b_std = lora_b_std
+
+  def frozen(self):
+    return self._frozen
 
   def init(self, rng=None):
     return {'unet_lora': lora_params(self.preset, self._frozen['unet'], self.seed,
@@ -154,19 +163,15 @@ class TrainStep(_Compiled):
     self.preset = preset
     self.ddm = ddm = build_ddm(preset, seed, lora_b_std)
     self.config = run_config(preset)
-    mesh = parallel.make_mesh()
-    repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    self.tx = make_optimizer(self.config.optim, self.config.train.num_steps)
-    state = create_train_state(ddm.init(), self.tx, self.config.train.ema_decay)
-    state_sh = jax.tree_util.tree_map(lambda _: repl, state)
-    self.state = jax.device_put(state, state_sh)
+    setup = TrainSetup(ddm, self.config, params=ddm.init())
+    self.tx = setup.tx
+    self.state = setup.init_state()
     b = inputs.train_batch(preset)
-    self.batch = parallel.global_batch(mesh, {
+    self.batch = parallel.global_batch(setup.mesh, {
         'latent': inputs.nhwc(b['latents']), 'context': b['context'],
         'label': b['labels'].astype(np.int32)})
-    self.frozen = jax.device_put(ddm.frozen(), repl)
-    self.jitted = jit_train_step(make_train_step(ddm, self.config, self.tx), state_sh, data_sh,
-                                 repl)
+    self.frozen = setup.frozen()
+    self.jitted = setup.step_fn()
     self.compiled = None
 
   def lower(self):

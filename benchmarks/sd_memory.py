@@ -34,10 +34,8 @@ from ddm_jax.interop.diffusers import expected_params  # noqa: E402
 from ddm_jax.models import lora as lora_lib  # noqa: E402
 from ddm_jax.models.indicator import Indicator  # noqa: E402
 from ddm_jax.models.unet import unet_from_config  # noqa: E402
-from ddm_jax.training import parallel  # noqa: E402
-from ddm_jax.training.optim import make_optimizer  # noqa: E402
-from ddm_jax.training.state import create_train_state  # noqa: E402
-from ddm_jax.training.step import jit_train_step, make_train_step  # noqa: E402
+from ddm_jax.ddm import DDM, LatentDDM  # noqa: E402
+from ddm_jax.training.setup import TrainSetup  # noqa: E402
 
 # diffusers' runwayml/stable-diffusion-v1-5 unet/config.json (the keys our UNet reads)
 SD15_UNET = dict(
@@ -73,18 +71,29 @@ def random_params(module, seed, *inputs):
   return traverse_util.unflatten_dict(out)
 
 
-class UNetLoRA:
-  """The LatentDDM training path on precomputed latents and text context."""
+class UNetLoRA(DDM):
+  """LatentDDM's training path (its own model_fn) on precomputed latents and text context."""
+  model_fn = LatentDDM.model_fn
+  _lora = LatentDDM._lora
 
-  def __init__(self, unet, indicator, scale, sched):
-    self.unet, self.indicator, self.scale, self.sched = unet, indicator, scale, sched
+  def __init__(self, config, unet, base, indicator, sched, latent):
+    self.config, self.unet, self.indicator, self.sched = config, unet, indicator, sched
+    self.eps_shape = (latent, latent, 4)
+    self.unet_scale = config.lora.unet_alpha / config.lora.unet_rank
+    self._frozen = {'unet': base}
+
+  def init(self, rng):
+    k_u, k_i = jax.random.split(rng)
+    return {'unet_lora': lora_lib.init_lora(k_u, self._frozen['unet'],
+                                            tuple(self.config.lora.unet_targets),
+                                            self.config.lora.unet_rank),
+            'indicator': self.indicator.init(k_i, jnp.zeros((1,) + self.eps_shape))['params']}
+
+  def frozen(self):
+    return self._frozen
 
   def prepare_batch(self, frozen, batch, rng):
     return batch['latent'], batch['label'], {'context': batch['context']}
-
-  def model_fn(self, params, frozen, x_t, t, context):
-    with lora_lib.apply_lora(params['unet_lora'], self.scale):
-      return self.unet.apply({'params': frozen['unet']}, x_t, t, context)
 
   def indicator_fn(self, params, eps):
     return self.indicator.apply({'params': params['indicator']}, eps)
@@ -101,7 +110,6 @@ def main(argv):
   t_start = time.time()
   config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), 'configs', 'sd15_lora.py'))
-  lc = config.lora
   unet = unet_from_config(SD15_UNET, dtype=jnp.dtype(args.dtype), remat=args.remat)
   r, b = args.resolution // 8, args.batch
   base = random_params(unet, 0, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
@@ -111,24 +119,18 @@ def main(argv):
   t_weights = time.time() - t_start
 
   indicator = Indicator(2, tuple(config.indicator.hidden))
-  params = {'unet_lora': lora_lib.init_lora(jax.random.key(1), base, tuple(lc.unet_targets),
-                                            lc.unet_rank),
-            'indicator': indicator.init(jax.random.key(2), jnp.zeros((1, r, r, 4)))['params']}
-  n_train = sum(x.size for x in jax.tree_util.tree_leaves(params))
   sched = make_schedule('scaled_linear', 1000, 0.00085, 0.012)
-  model = UNetLoRA(unet, indicator, lc.unet_alpha / lc.unet_rank, sched)
-  tx = make_optimizer(config.optim, config.train.num_steps)
-  mesh = parallel.make_mesh()
-  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  state = create_train_state(params, tx, config.train.ema_decay)
-  state_sh = jax.tree_util.tree_map(lambda _: repl, state)
+  model = UNetLoRA(config, unet, base, indicator, sched, r)
+  setup = TrainSetup(model, config)
+  state = setup.init_state()
+  n_train = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   rng = np.random.default_rng(0)
   batch = {'latent': rng.standard_normal((b, r, r, 4)).astype(np.float32),
            'label': (np.arange(b) % 2).astype(np.int32),
            'context': rng.standard_normal((b, 77, 768)).astype(np.float32)}
-  batch = jax.device_put(batch, data)
-  frozen = {'unet': base}
-  step = jit_train_step(make_train_step(model, config, tx), state_sh, data, repl)
+  batch = jax.device_put(batch, setup.data)
+  frozen = setup.frozen()
+  step = setup.step_fn()
 
   t0 = time.time()
   compiled = step.lower(state, batch, frozen).compile()

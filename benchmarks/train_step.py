@@ -16,37 +16,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddm_jax.cli import _split_overrides  # noqa: E402
-from ddm_jax.config import apply_overrides, load_config_file, validate  # noqa: E402
-from ddm_jax.training import parallel  # noqa: E402
-from ddm_jax.training.loop import build_ddm  # noqa: E402
-from ddm_jax.training.optim import make_optimizer  # noqa: E402
-from ddm_jax.training.state import create_train_state  # noqa: E402
-from ddm_jax.training.step import jit_train_step, make_train_step  # noqa: E402
+from ddm_jax import parallel  # noqa: E402
+from ddm_jax.cli.common import load_config, split_overrides  # noqa: E402
+from ddm_jax.ddm import build_ddm  # noqa: E402
+from ddm_jax.training.setup import TrainSetup  # noqa: E402
 
 
 def main(argv):
-  overrides, rest = _split_overrides(argv)
+  overrides, rest = split_overrides(argv)
   p = argparse.ArgumentParser()
   p.add_argument('--config', default='configs/digits.py')
   p.add_argument('--steps', type=int, default=50)
   args = p.parse_args(rest)
-  config = validate(apply_overrides(load_config_file(args.config), overrides))
-  mesh = parallel.make_mesh()
-  repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  ddm = build_ddm(config)
-  tx = make_optimizer(config.optim, config.train.num_steps)
-  init = lambda k: create_train_state(ddm.init(k), tx, config.train.ema_decay)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  state_sh = jax.tree_util.tree_map(lambda _: repl, abstract)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+  config = load_config(args.config, overrides)
+  setup = TrainSetup(build_ddm(config), config)
+  state = setup.init_state()
   b, r, c = config.train.batch_size, config.data.resolution, config.data.channels
   rng = np.random.default_rng(0)
-  batch = parallel.global_batch(mesh, {
+  batch = parallel.global_batch(setup.mesh, {
       'image': rng.uniform(-1, 1, (b, r, r, c)).astype(np.float32),
       'label': rng.integers(0, config.data.num_groups, b).astype(np.int32)})
-  frozen = jax.device_put(ddm.frozen(), repl)
-  step = jit_train_step(make_train_step(ddm, config, tx), state_sh, data_sh, repl)
+  frozen = setup.frozen()
+  step = setup.step_fn()
 
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, frozen).compile()

@@ -46,9 +46,7 @@ def get_config():
   c.lora.text_alpha = 32.0
   c.lora.dropout = 0.0
 
-  c.diffusion.schedule = 'scaled_linear'
-  c.diffusion.beta_start = 0.00085
-  c.diffusion.beta_end = 0.012
+  del c.diffusion                       # the schedule is the folder's scheduler_config.json
 
   c.loss.w_rec = 0.95
   c.loss.w_ind = 0.05

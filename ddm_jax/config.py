@@ -1,4 +1,5 @@
 """Config loading and validation: every impossible value is a ConfigError naming its key."""
+import ast
 import importlib.util
 import math
 import numbers
@@ -9,6 +10,7 @@ import ml_collections
 from ddm_jax.diffusion.samplers import SAMPLERS
 from ddm_jax.diffusion.schedules import PREDICTION_TYPES, SCHEDULES
 from ddm_jax.errors import ConfigError
+from ddm_jax.models.unet import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS
 
 
 def load_config_file(path):
@@ -26,7 +28,6 @@ def load_config_file(path):
 def apply_overrides(config, overrides):
   """`overrides`: {'train.num_steps': '10', ...} from the command line; values are
   parsed as Python literals and must match the existing key's type."""
-  import ast
   for dotted, raw in overrides.items():
     node, *path = config, *dotted.split('.')
     for part in path[:-1]:
@@ -144,9 +145,13 @@ def _check_type(key, value, kind):
 def check_types(config):
   """Every key a run reads exists and has the right type (a config file can set anything)."""
   for section in _SECTIONS:
+    if section == 'diffusion' and is_latent(config):
+      continue  # the schedule comes from the diffusers folder's scheduler_config.json
     _require(isinstance(config.get(section), ml_collections.ConfigDict), section,
              'missing or not a section (start from configs/digits.py)')
   for key, kind in _TYPES.items():
+    if key.startswith('diffusion.') and is_latent(config):
+      continue
     try:
       value = _lookup(config, key)
     except KeyError:
@@ -158,6 +163,11 @@ def check_types(config):
     except KeyError:
       continue
     _check_type(key, value, kind)
+
+
+def is_latent(config):
+  """A Stable Diffusion (latent) run: the model comes from a local diffusers folder."""
+  return bool(config.model.get('pretrained'))
 
 
 def validate(config):
@@ -189,15 +199,22 @@ def validate(config):
   _require(t.sample_every == 0 or t.num_sample_images > 0, 'train.num_sample_images',
            f'must be positive, got {t.num_sample_images}')
   _require(d.channels in (1, 3), 'data.channels', f'must be 1 or 3, got {d.channels}')
-  df = config.diffusion
-  _require(df.num_train_timesteps > 0, 'diffusion.num_train_timesteps',
-           f'must be positive, got {df.num_train_timesteps}')
-  if df.schedule in ('linear', 'scaled_linear'):
-    _require(0.0 < df.beta_start <= df.beta_end < 1.0, 'diffusion.beta_start',
-             f'need 0 < beta_start <= beta_end < 1, got {df.beta_start}, {df.beta_end}')
   s = config.sample
-  _require(1 <= s.steps <= df.num_train_timesteps, 'sample.steps',
-           f'must be in [1, {df.num_train_timesteps}], got {s.steps}')
+  if not is_latent(config):
+    df = config.diffusion
+    _require(df.num_train_timesteps > 0, 'diffusion.num_train_timesteps',
+             f'must be positive, got {df.num_train_timesteps}')
+    if df.schedule in ('linear', 'scaled_linear'):
+      _require(0.0 < df.beta_start <= df.beta_end < 1.0, 'diffusion.beta_start',
+               f'need 0 < beta_start <= beta_end < 1, got {df.beta_start}, {df.beta_end}')
+    _require(df.schedule in SCHEDULES, 'diffusion.schedule',
+             f'must be one of {SCHEDULES}, got {df.schedule!r}')
+    _require(df.prediction_type in PREDICTION_TYPES, 'diffusion.prediction_type',
+             f'must be one of {PREDICTION_TYPES}')
+    _require(1 <= s.steps <= df.num_train_timesteps, 'sample.steps',
+             f'must be in [1, {df.num_train_timesteps}], got {s.steps}')
+  else:
+    _require(s.steps >= 1, 'sample.steps', f'must be positive, got {s.steps}')
   _require(s.eta >= 0, 'sample.eta', f'must be >= 0, got {s.eta}')
   if m.get('dtype') is not None:
     _require(m.dtype in _DTYPES, 'model.dtype', f'must be one of {_DTYPES}, got {m.dtype!r}')
@@ -216,14 +233,11 @@ def validate(config):
            f'must be >= 1, got {config.get("latent_factor")}')
   _require(d.num_groups >= 2, 'data.num_groups', f'must be >= 2, got {d.num_groups}')
   _require(d.resolution > 0, 'data.resolution', f'must be positive, got {d.resolution}')
-  _require(config.diffusion.schedule in SCHEDULES, 'diffusion.schedule',
-           f'must be one of {SCHEDULES}, got {config.diffusion.schedule!r}')
-  _require(config.diffusion.prediction_type in PREDICTION_TYPES, 'diffusion.prediction_type',
-           f'must be one of {PREDICTION_TYPES}')
   _require(config.sample.sampler in SAMPLERS, 'sample.sampler',
            f'must be one of {sorted(SAMPLERS)}, got {config.sample.sampler!r}')
-  if config.get('latent_factor', 1) > 1:  # latent DDM: the UNet comes from the diffusers folder
-    _require(bool(m.get('pretrained')), 'model.pretrained', 'set it to a local diffusers folder')
+  if config.get('latent_factor', 1) > 1:
+    _require(is_latent(config), 'model.pretrained', 'set it to a local diffusers folder')
+  if is_latent(config):  # the UNet comes from the diffusers folder
     _require(d.resolution % config.latent_factor == 0, 'data.resolution',
              f'{d.resolution} is not divisible by the VAE factor {config.latent_factor}')
     return config
@@ -232,7 +246,6 @@ def validate(config):
              f'must be a non-empty tuple, got {m.get(key)!r}')
   _require(all(_positive_int(c) for c in m.block_out_channels), 'model.block_out_channels',
            f'must be positive integers, got {m.block_out_channels}')
-  from ddm_jax.models.unet import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS  # pylint: disable=import-outside-toplevel
   for key, known in (('down_block_types', DOWN_BLOCKS), ('up_block_types', UP_BLOCKS)):
     _require(all(b in known for b in m[key]), f'model.{key}',
              f'{m[key]!r}: each must be one of {known}')

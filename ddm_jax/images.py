@@ -5,6 +5,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from ddm_jax.files import atomic_path
+
 
 def to_uint8(images):
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
@@ -32,9 +34,8 @@ def make_grid(images, ncols=None, pad=1, upscale=1):
 def save_png(path, img_u8):
   """Write atomically: a killed run leaves no half-written PNG under the final name."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  _pil(img_u8).save(tmp, format='PNG')
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    _pil(img_u8).save(tmp, format='PNG')
 
 
 def save_grid(path, images, ncols=None, upscale=None):

@@ -3,7 +3,7 @@
 Run in a fresh interpreter (XLA_FLAGS decides the number of CPU devices before
 jax is imported). With --num_processes > 1 it joins a localhost cluster and feeds
 only its own slice of the global batch, as a real multi-host run does. Builds the
-state and the step exactly as `ddm_jax.training.loop.train` does. Process 0 writes
+state and the step with `ddm_jax.training.setup.TrainSetup`, as `training.loop.train` does. Process 0 writes
 OUT.npz (losses, params, EMA params); every process writes OUT.process<i>.json.
 
 Multi-process CPU collectives (gloo) give up when a peer arrives more than ~30 s
@@ -49,11 +49,9 @@ def main():
   barriers = []
   import numpy as np  # pylint: disable=import-outside-toplevel
   from ddm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from ddm_jax.training import parallel  # pylint: disable=import-outside-toplevel
-  from ddm_jax.training.loop import build_ddm  # pylint: disable=import-outside-toplevel
-  from ddm_jax.training.optim import make_optimizer  # pylint: disable=import-outside-toplevel
-  from ddm_jax.training.state import create_train_state  # pylint: disable=import-outside-toplevel
-  from ddm_jax.training.step import jit_train_step, make_train_step  # pylint: disable=import-outside-toplevel
+  from ddm_jax import parallel  # pylint: disable=import-outside-toplevel
+  from ddm_jax.ddm import build_ddm  # pylint: disable=import-outside-toplevel
+  from ddm_jax.training.setup import TrainSetup  # pylint: disable=import-outside-toplevel
   from tests.helpers import enable_compile_cache, tiny_config  # pylint: disable=import-outside-toplevel
   enable_compile_cache()
 
@@ -66,19 +64,13 @@ def main():
   local = {'image': images[i * local_batch:(i + 1) * local_batch],
            'label': labels[i * local_batch:(i + 1) * local_batch]}
 
-  mesh = parallel.make_mesh()
-  repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  ddm = build_ddm(config)
-  tx = make_optimizer(config.optim, config.train.num_steps)
-  init_fn = lambda rng: create_train_state(ddm.init(rng), tx, config.train.ema_decay)  # noqa: E731
-  init_key = jax.random.fold_in(jax.random.key(config.train.seed), -1 % (2 ** 31))
-  abstract = jax.eval_shape(init_fn, init_key)
-  state_sh = jax.tree_util.tree_map(lambda _: repl, abstract)
-  state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
-  frozen = jax.device_put(ddm.frozen(), repl)
-  step_fn = jit_train_step(make_train_step(ddm, config, tx), state_sh, data_sh, repl)
+  setup = TrainSetup(build_ddm(config), config)
+  repl = setup.repl
+  state = setup.init_state()
+  frozen = setup.frozen()
+  step_fn = setup.step_fn()
 
-  batch = parallel.global_batch(mesh, local)
+  batch = parallel.global_batch(setup.mesh, local)
   sharding = batch['image'].sharding
   gathered = parallel.to_host(compiled(jax.jit(lambda x: x, out_shardings=repl), batch)(batch))
   info = {'process_index': i, 'process_count': jax.process_count(),

@@ -9,7 +9,7 @@ import numpy as np
 
 from ddm_jax.config import apply_overrides, load_config_file
 from ddm_jax.interop.testing import write_tiny_pipeline
-from ddm_jax.latent import LatentDDM
+from ddm_jax.ddm import load_latent_ddm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 16  # the tiny VAE downsamples by 2: 8x8x4 latents
@@ -41,7 +41,7 @@ def perturbed(params, seed, scale=0.2):
 def tiny_ddm(root, seed=0, **overrides):
   """(config, LatentDDM, params with random non-zero LoRA and indicator)."""
   config = sd_config(tiny_folder(root), **overrides)
-  ddm = LatentDDM(config)
+  ddm = load_latent_ddm(config)
   params = perturbed(ddm.init(jax.random.key(seed)), seed + 1)
   return config, ddm, params
 

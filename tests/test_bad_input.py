@@ -24,14 +24,14 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from ddm_jax import data
-from ddm_jax.cli import train_main
+from ddm_jax.cli.train import main as train_main
 from ddm_jax.config import apply_overrides, load_config_file, validate
 from ddm_jax.data import builders
-from ddm_jax.data.pipeline import skipped_images
+from ddm_jax.data import skipped_images
 from ddm_jax.errors import ConfigError, DataError, WeightsError
 from ddm_jax.interop import diffusers as interop
 from ddm_jax.interop.testing import write_tiny_pipeline
-from ddm_jax.training import parallel
+from ddm_jax import parallel
 from tests.helpers import REPO, assert_one_line_error, run_python
 
 DIGITS = os.path.join(REPO, 'configs', 'digits.py')

@@ -1,7 +1,7 @@
 """train.py / sample.py: a tiny end-to-end run, and one clear error line for each bad input.
 
 The success path and the scripts' wiring run as real subprocesses; most error cases call
-the same entry points (`ddm_jax.cli.train_main` / `sample_main`) in-process, which is
+the same entry points (`ddm_jax.cli.train.main` / `ddm_jax.cli.sample.main`) in-process, which is
 what train.py / sample.py run, to keep the suite fast.
 """
 import json
@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ddm_jax import cli
+from ddm_jax.cli.sample import main as sample_main
+from ddm_jax.cli.train import main as train_main
 from tests.helpers import (REPO, TINY_KEYS, assert_one_line_error, config_overrides, read_jsonl,
                            run_python, shared_data_dir, tiny_config)
 
@@ -104,7 +105,7 @@ def test_sample_cli_ddim_writes_pngs_npz_and_grid(trained, tmp_path):
 def test_sample_cli_other_samplers(trained, tmp_path, sampler, capsys):
   def run(name, seed):
     out = tmp_path / name
-    assert cli.sample_main(['--workdir', str(trained), '--num_samples=5', f'--sampler={sampler}',
+    assert sample_main(['--workdir', str(trained), '--num_samples=5', f'--sampler={sampler}',
                             '--steps=3', f'--seed={seed}', '--output', str(out)]) == 0
     with np.load(out / 'samples.npz') as f:
       return f['images']
@@ -120,7 +121,7 @@ def test_sample_cli_other_samplers(trained, tmp_path, sampler, capsys):
 
 
 def _train_error(capsys, argv, *needles):
-  code = cli.train_main(argv)
+  code = train_main(argv)
   err = capsys.readouterr().err
   assert code != 0
   assert 'Traceback' not in err
@@ -227,12 +228,12 @@ def test_different_model_on_a_trained_workdir(trained, data_dir, capsys):
 
 
 def test_sample_without_checkpoints(tmp_path, capsys):
-  assert cli.sample_main(['--workdir', str(tmp_path), '--num_samples=2']) != 0
+  assert sample_main(['--workdir', str(tmp_path), '--num_samples=2']) != 0
   err = capsys.readouterr().err
   assert err.startswith('error: ') and 'no checkpoints' in err and str(tmp_path) in err
   assert len(err.strip().splitlines()) == 1
   (tmp_path / 'checkpoints').mkdir()  # a folder with no finished checkpoint
-  assert cli.sample_main(['--workdir', str(tmp_path), '--num_samples=2']) != 0
+  assert sample_main(['--workdir', str(tmp_path), '--num_samples=2']) != 0
   err = capsys.readouterr().err
   assert err.startswith('error: ') and 'checkpoint' in err and 'Traceback' not in err
 
@@ -243,7 +244,7 @@ def test_sample_without_checkpoints(tmp_path, capsys):
                                          (['--steps=5000'], '--steps')])
 def test_bad_sample_arguments(trained, tmp_path, capsys, args, needle):
   out = tmp_path / 'out'
-  assert cli.sample_main(['--workdir', str(trained), '--output', str(out)] + args) != 0
+  assert sample_main(['--workdir', str(trained), '--output', str(out)] + args) != 0
   err = capsys.readouterr().err
   assert err.startswith('error: ') and needle in err and len(err.strip().splitlines()) == 1
   assert not out.exists()

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from configs import digits as digits_config
 from ddm_jax import data
-from ddm_jax.data import builders, pipeline, sampling
+from ddm_jax.data import builders, preprocessing, subsample
 from ddm_jax.errors import DataError
 
 
@@ -99,8 +99,8 @@ def test_digits_splits_deterministic_and_multi_class_groups():
                                                      max_size=len(avail)).filter(lambda r: sum(r) > 0))))
 def test_ratio_counts_property(case):
   available, ratio = np.asarray(case[0]), case[1]
-  shares = sampling.normalize_ratio(ratio, len(ratio), 'ratio')
-  counts = sampling.ratio_counts(available, shares)
+  shares = subsample.normalize_ratio(ratio, len(ratio), 'ratio')
+  counts = subsample.ratio_counts(available, shares)
   total = counts.sum()
   assert np.all(counts <= available)
   assert np.all(np.abs(counts - shares * total) <= 1 + 1e-9)
@@ -191,20 +191,20 @@ def test_bad_iterator_arguments(digits_dir):
 def test_preprocess_range_shape_and_channels():
   rgb = np.zeros((10, 7, 3), np.uint8)
   rgb[..., 0] = 255
-  out = pipeline.to_model_image(rgb, 4, 3)
+  out = preprocessing.to_model_image(rgb, 4, 3)
   assert out.shape == (4, 4, 3) and out.dtype == np.float32
   np.testing.assert_allclose(out[..., 0], 1.0)
   np.testing.assert_allclose(out[..., 1:], -1.0)
-  gray = pipeline.to_model_image(rgb, 4, 1)
+  gray = preprocessing.to_model_image(rgb, 4, 1)
   assert gray.shape == (4, 4, 1) and -1.0 < gray.min() <= gray.max() < 1.0  # red -> mid grey
   one = np.full((5, 5, 1), 255, np.uint8)
-  np.testing.assert_allclose(pipeline.to_model_image(one, 5, 3), 1.0)
+  np.testing.assert_allclose(preprocessing.to_model_image(one, 5, 3), 1.0)
   rgba = np.concatenate([rgb, np.zeros((10, 7, 1), np.uint8)], -1)
-  np.testing.assert_array_equal(pipeline.to_model_image(rgba, 4, 3), out)
+  np.testing.assert_array_equal(preprocessing.to_model_image(rgba, 4, 3), out)
   ramp = np.arange(64, dtype=np.uint8).reshape(8, 8, 1) * 4
-  np.testing.assert_allclose(pipeline.to_model_image(ramp, 8, 1)[..., 0], ramp[..., 0] / 127.5 - 1, atol=1e-6)
+  np.testing.assert_allclose(preprocessing.to_model_image(ramp, 8, 1)[..., 0], ramp[..., 0] / 127.5 - 1, atol=1e-6)
   with pytest.raises(DataError):
-    pipeline.to_model_image(rgb, 4, 2)
+    preprocessing.to_model_image(rgb, 4, 2)
 
 
 # ----------------------------------------------------------------------------- generic TFDS

@@ -10,7 +10,8 @@ import pytest
 from configs import digits
 from ddm_jax.errors import ConfigError, DataError
 from ddm_jax.evaluation import fairness
-from ddm_jax.evaluation import report as R
+from ddm_jax.evaluation import context as R
+from ddm_jax.evaluation.scoring import score
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +57,7 @@ def test_floor_refuses_fairness_figures(roots):
 def test_score_of_real_images(ctx):
   """Scoring real images: the figures are the metrics' values on the evaluator's labels."""
   imgs = ctx.ref_images
-  scores, pred = R.score(ctx, imgs)
+  scores, pred = score(ctx, imgs)
   f, q = scores['fairness'], scores['quality']
   p = np.bincount(pred, minlength=2) / pred.size
   np.testing.assert_allclose(f['proportions'], p)
@@ -71,11 +72,11 @@ def test_score_of_real_images(ctx):
   assert q['fcd_vs_train'] > q['fcd']  # the training split is biased, the reference is not
   # One group only: FD is the distance of (1, 0) to uniform; the other group is missing.
   only0 = imgs[ctx.ref_labels == 0]
-  s0, pred0 = R.score(ctx, only0, guide_labels=np.zeros(len(only0), int))
+  s0, pred0 = score(ctx, only0, guide_labels=np.zeros(len(only0), int))
   assert s0['fairness']['proportions'][0] > 0.95
   assert s0['fairness']['guide_hit_rate'] == pytest.approx(np.mean(pred0 == 0))
   with pytest.raises(DataError):  # SPD needs samples conditioned on every group
-    R.score(ctx, only0[:10], cond_labels=np.zeros(10, int))
+    score(ctx, only0[:10], cond_labels=np.zeros(10, int))
 
 
 def test_settings_validation():
@@ -118,7 +119,7 @@ def tiny_conditional(roots):
 
 
 def test_evaluate_cli_end_to_end(tiny_conditional, roots, capsys):
-  from ddm_jax.evaluation.report import evaluate_main
+  from ddm_jax.cli.evaluate import main as evaluate_main
   wd = tiny_conditional
   common = ['--workdir', wd, '--num_samples', '64', '--steps', '4', '--cache_dir', roots['cache'],
             '--no_progress']

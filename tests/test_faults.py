@@ -318,7 +318,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(data_dir, env, referen
 POISON = '''
 import os, sys
 import numpy as np
-from ddm_jax.training import parallel
+from ddm_jax import parallel
 plan = dict(item.split(':') for item in os.environ['DDM_TEST_POISON'].split(','))
 calls = [0]
 real_global_batch = parallel.global_batch
@@ -331,8 +331,8 @@ def poisoned(mesh, batch):
     batch['image'][0, 0, 0, 0] = float(value)
   return real_global_batch(mesh, batch)
 parallel.global_batch = poisoned
-from ddm_jax.cli import train_main
-sys.exit(train_main(sys.argv[1:]))
+from ddm_jax.cli.train import main
+sys.exit(main(sys.argv[1:]))
 '''
 
 

@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddm_jax import guidance as G
+from ddm_jax.ddm import DDM
 from ddm_jax.diffusion.schedules import make_schedule
 from ddm_jax.errors import ConfigError
-from ddm_jax.sampling import generate, make_generator
-from ddm_jax.training.parallel import make_mesh
+from ddm_jax.generation import guidance as G
+from ddm_jax.generation.generator import generate, make_generator
+from ddm_jax.parallel import make_mesh
 
 
 # ----------------------------------------------------------------------------- assignment
@@ -52,7 +53,7 @@ def test_make_guide_checks():
 
 # ----------------------------------------------------------------------------- closed form
 
-class LinearDDM:
+class LinearDDM(DDM):
   """eps_pred = w * x_t; indicator logits = (0, c * sum(eps_pred)).
 
   For group 1, log p = log sigmoid(z) with z = c w sum(x), so
@@ -63,6 +64,9 @@ class LinearDDM:
     self.w, self.c = w, c
     self.sched = make_schedule('linear', 1000)
     self.sample_shape = (4, 4, 1)
+
+  def init(self, rng):
+    return {}
 
   def model_fn(self, params, frozen, x, t, **cond):
     return self.w * x
@@ -129,9 +133,6 @@ def test_guidance_needs_guide():
   hook = G.make_indicator_guidance(LinearDDM())
   with pytest.raises(ConfigError):
     hook({}, {}, None, {})
-  with pytest.raises(ConfigError):
-    G.guidance_from_args(LinearDDM(), 'classifier-free')
-  assert G.guidance_from_args(LinearDDM(), 'none') is None
 
 
 class GaussianDDM(LinearDDM):
@@ -199,8 +200,9 @@ def test_sample_cli_guidance_moves_tiny_model_toward_target(tiny_trained):
   """sample.py --guidance=indicator on a tiny DDM: with target (0, 1) the evaluator sees
   far more group-1 images than unguided sampling from the same seed."""
   import json
-  from ddm_jax.cli import load_trained, sample_main
-  from ddm_jax.evaluation import classifier, report as R
+  from ddm_jax.cli.sample import main as sample_main
+  from ddm_jax.training.setup import load_trained
+  from ddm_jax.evaluation import classifier, context as R
   workdir, root = tiny_trained
   common = ['--workdir', workdir, '--num_samples', '200', '--steps', '10', '--seed', '0']
   assert sample_main(common + ['--output', str(root / 'plain')]) == 0
@@ -212,7 +214,7 @@ def test_sample_cli_guidance_moves_tiny_model_toward_target(tiny_trained):
   assert info['guidance'] == 'indicator' and info['target'] == [0.0, 1.0]
   assert info['guidance_scale'] == 4.0
 
-  ctx = R.EvalContext(load_trained(workdir)[0],
+  ctx = R.EvalContext(load_trained(workdir).config,
                       R.EvalSettings(cache_dir=str(root / 'cache'), evaluator_steps=200))
   share = lambda d: classifier.predict(
       ctx.evaluator, np.load(root / d / 'samples.npz')['images'] / 127.5 - 1.0).argmax(1).mean()
@@ -229,9 +231,9 @@ _SHARDED = r'''
 import jax, numpy as np, sys
 sys.path.insert(0, {root!r})
 from tests.test_guidance import GaussianDDM
-from ddm_jax import guidance as G
-from ddm_jax.sampling import generate
-from ddm_jax.training.parallel import make_mesh
+from ddm_jax.generation import guidance as G
+from ddm_jax.generation.generator import generate
+from ddm_jax.parallel import make_mesh
 assert jax.device_count() == 4
 ddm = GaussianDDM()
 gen = G.make_guided_generator(ddm, make_mesh(), 'ddim', 8)

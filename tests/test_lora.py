@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from ddm_jax.latent import LatentDDM
+from ddm_jax.ddm import load_latent_ddm
 from ddm_jax.models import lora as lora_lib
-from ddm_jax.sd_sampling import inference_params
+from ddm_jax.generation.prompts import inference_params
 from ddm_jax.training.optim import make_optimizer
 from ddm_jax.training.state import create_train_state
 from ddm_jax.training.step import make_train_step
@@ -26,7 +26,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def ddm(folder):
-  return LatentDDM(sd_config(folder, **{'indicator.hidden': '(16,)'}))
+  return load_latent_ddm(sd_config(folder, **{'indicator.hidden': '(16,)'}))
 
 
 def inputs(ddm, batch=2, seed=0):
@@ -113,7 +113,7 @@ def test_merge_equals_unmerged(ddm):
 def test_training_moves_only_lora_and_indicator(folder):
   config = sd_config(folder, **{'indicator.hidden': '(16,)', 'optim.grad_accum': 1,
                                 'optim.lr': 1e-2, 'train.batch_size': 2})
-  ddm = LatentDDM(config)
+  ddm = load_latent_ddm(config)
   tx = make_optimizer(config.optim, config.train.num_steps)
   state = create_train_state(ddm.init(jax.random.key(0)), tx, config.train.ema_decay)
   assert set(state.params) == {'unet_lora', 'text_lora', 'indicator'}
@@ -157,7 +157,7 @@ def test_remat_matches_no_remat(ddm):
 
 
 def test_bfloat16_compute_float32_params(folder, ddm):
-  half = LatentDDM(sd_config(folder, **{'indicator.hidden': '(16,)', 'model.dtype': 'bfloat16'}))
+  half = load_latent_ddm(sd_config(folder, **{'indicator.hidden': '(16,)', 'model.dtype': 'bfloat16'}))
   frozen = half.frozen()
   assert half.unet.dtype == jnp.bfloat16 and half.text_encoder.dtype == jnp.bfloat16
   assert {a.dtype for a in jax.tree_util.tree_leaves(frozen)} == {jnp.dtype(jnp.float32)}

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddm_jax.ddm import DDM
+from ddm_jax.ddm import PixelDDM
 from ddm_jax.diffusion.schedules import make_schedule
 from ddm_jax.objective import ddm_loss
 from tests.helpers import tiny_config
@@ -87,7 +87,7 @@ def test_loss_depends_on_rng_only_through_the_key(toy):
 def unet_grads():
   """Gradients of the real tiny DDM's objective at (w_rec, w_ind) pairs; one compile."""
   config = tiny_config()
-  ddm = DDM(config)
+  ddm = PixelDDM(config)
   params = ddm.init(jax.random.key(0))
   k_x, k_l = jax.random.split(jax.random.key(1))
   x0 = jax.random.uniform(k_x, (4,) + ddm.sample_shape, minval=-1, maxval=1)

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 
 from ddm_jax.diffusion import samplers
 from ddm_jax.interop.testing import SD_SCHEDULER
-from ddm_jax.latent import schedule_from_scheduler_config
-from ddm_jax.sd_sampling import (CFGModel, inference_params, make_sd_generator, prompt_batch,
-                                 split_prompts)
-from ddm_jax.training.parallel import make_mesh
+from ddm_jax.diffusion.schedules import schedule_from_scheduler_config
+from ddm_jax.generation.generator import make_generator
+from ddm_jax.generation.prompts import CFGModel, inference_params, prompt_batch, split_prompts
+from ddm_jax.parallel import make_mesh
 from tests.sd_helpers import REPO, RESOLUTION, tiny_ddm, write_workdir
 
 TOL = 1e-4
@@ -154,7 +154,8 @@ def test_text_to_image_matches_stable_diffusion_pipeline(sd, record_property):
   params = {'indicator': params['indicator']}  # the base model (diffusers has no LoRA here)
   prompts, negative = ['a photo of a human face', 'the cat'], ['digit zero', '']
   steps, scale = 4, 7.5
-  gen, notes = make_sd_generator(ddm, make_mesh(), 'pndm', steps)
+  gen = make_generator(CFGModel(ddm), make_mesh(), 'pndm', steps, **ddm.sampler_kwargs('pndm'))
+  _, notes = samplers.scheduler_kwargs('pndm', ddm.scheduler_config, ddm.sched)
   assert not notes
   cond = prompt_batch(ddm, prompts, 1, negative_prompt=negative, cfg_scale=scale)
   latents = np.random.default_rng(0).standard_normal((2,) + ddm.sample_shape).astype(np.float32)
@@ -201,8 +202,8 @@ def test_sample_cli_on_sd_workdir(sd, tmp_path):
 
 
 def test_cfg_model_is_pluggable_with_indicator_guidance(sd):
-  """The indicator-guidance hook (ddm_jax.guidance) drives the CFG model unchanged."""
-  guidance = pytest.importorskip('ddm_jax.guidance')
+  """The indicator-guidance hook (ddm_jax.generation.guidance) drives the CFG model unchanged."""
+  guidance = pytest.importorskip('ddm_jax.generation.guidance')
   _, _, ddm, params = sd
   model = CFGModel(ddm)
   params, frozen = inference_params(ddm, params, ddm.frozen())

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 import tensorflow_datasets as tfds
 
 from ddm_jax.data import labels as labels_lib
-from ddm_jax.data import sampling
+from ddm_jax.data import subsample
 from ddm_jax.errors import DataError
 
 TEST_FRACTION = 0.2
@@ -42,7 +42,7 @@ def biased_digits_config(groups, proportions, seed=0):
   field never share data; proportions are normalised first (4:1 == 0.8:0.2).
   """
   groups = _check_groups(groups)
-  shares = sampling.normalize_ratio(proportions, len(groups), 'data.proportions')
+  shares = subsample.normalize_ratio(proportions, len(groups), 'data.proportions')
   if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
     raise DataError(f'data.shuffle_seed must be a non-negative int, got {seed!r}')
   percent = '-'.join(f'{100 * s:.6g}'.replace('.', 'p') for s in shares)
@@ -87,7 +87,7 @@ def digits_splits(digits, groups, proportions, seed):
     pool.append(rows[n_test:])
   pool = np.sort(np.concatenate(pool))
   group_of = digit_to_group(groups)
-  train = pool[sampling.subsample(group_of[digits[pool]], np.asarray(proportions), seed)]
+  train = pool[subsample.subsample(group_of[digits[pool]], np.asarray(proportions), seed)]
   return {'train': train, 'balanced': pool, 'test': np.sort(np.concatenate(test))}
 
 

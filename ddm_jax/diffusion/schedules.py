@@ -44,9 +44,18 @@ def make_schedule(schedule='linear', num_train_timesteps=1000, beta_start=1e-4, 
 
 
 def schedule_from_config(diffusion_cfg):
+  """From our config's `diffusion` section (pixel models)."""
   return make_schedule(diffusion_cfg.schedule, diffusion_cfg.num_train_timesteps,
                        diffusion_cfg.beta_start, diffusion_cfg.beta_end,
                        diffusion_cfg.prediction_type)
+
+
+def schedule_from_scheduler_config(cfg):
+  """From a diffusers `scheduler_config.json` mapping (Stable Diffusion folders), with
+  diffusers' defaults for missing keys."""
+  return make_schedule(cfg.get('beta_schedule', 'scaled_linear'),
+                       cfg.get('num_train_timesteps', 1000), cfg.get('beta_start', 0.00085),
+                       cfg.get('beta_end', 0.012), cfg.get('prediction_type', 'epsilon'))
 
 
 def _bcast(v, x):

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from typing import Any, NamedTuple
@@ -27,6 +26,7 @@ import optax
 from flax import serialization
 
 from ddm_jax.errors import ConfigError, DataError
+from ddm_jax.files import write_bytes
 
 _CACHE_FORMAT = 1
 _PARAMS_FILE = 'params.msgpack'
@@ -105,7 +105,7 @@ def _check_labels(labels, n, num_groups, name='labels'):
   return y.astype(np.int32)
 
 
-def _run_batched(params_or_obj, images, batch_size):
+def logits_and_features(params_or_obj, images, batch_size):
   p, (groups, width, feats, channels) = _params_of(params_or_obj)
   x = _check_images(images, channels=channels)
   fn = _apply_fn(groups, width, feats)
@@ -127,12 +127,12 @@ def _run_batched(params_or_obj, images, batch_size):
 
 def predict(params_or_obj, images, batch_size=256):
   """Logits ``(N, num_groups)`` for NHWC images in [-1, 1], in batches."""
-  return _run_batched(params_or_obj, images, batch_size)[0]
+  return logits_and_features(params_or_obj, images, batch_size)[0]
 
 
 def features(params_or_obj, images, batch_size=256):
   """Penultimate features ``(N, features)`` for NHWC images in [-1, 1], in batches."""
-  return _run_batched(params_or_obj, images, batch_size)[1]
+  return logits_and_features(params_or_obj, images, batch_size)[1]
 
 
 def accuracy(params_or_obj, images, labels, batch_size=256):
@@ -268,20 +268,6 @@ def _fingerprint(*arrays):
   return h.hexdigest()
 
 
-def _atomic_write(path, data: bytes):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see old or new, never half
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def load_or_train_evaluator(cache_dir, key_dict, images, labels, num_groups, *,
                             val_images=None, val_labels=None, train_fn=None,
                             **train_kwargs):
@@ -326,8 +312,8 @@ def load_or_train_evaluator(cache_dir, key_dict, images, labels, num_groups, *,
                          val_labels=val_labels, **train_kwargs)
   params = jax.tree.map(np.asarray, params)
   os.makedirs(path, exist_ok=True)
-  _atomic_write(params_path, serialization.msgpack_serialize(params))
+  write_bytes(params_path, serialization.msgpack_serialize(params), sync=True)
   meta = {'key': full_key, 'key_sha256': digest, 'accuracy': float(acc),
           'created_unix': time.time()}
-  _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
+  write_bytes(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode(), sync=True)
   return CachedEvaluator(params, float(acc), path, False)

@@ -22,15 +22,16 @@ torch `nn.Linear` layout, ReLU between layers) for an input that is the UNet's p
 noise in PyTorch's NCHW layout flattened by `nn.Flatten` (ours flattens NHWC: the first
 layer's input rows are permuted accordingly).
 """
-import argparse
 import json
 import os
 from typing import Dict, Sequence
 
+import jax
 import numpy as np
 from safetensors.numpy import save_file
 
 from ddm_jax.errors import ConfigError
+from ddm_jax.files import write_json
 from ddm_jax.interop.diffusers import path_to_torch_key
 
 PEFT_PREFIX = 'base_model.model.'
@@ -84,7 +85,7 @@ def write_peft_adapter(folder, lora, rank, alpha, target_modules, dropout=0.0, b
   os.makedirs(folder, exist_ok=True)
   save_file(lora_state_dict(lora), os.path.join(folder, 'adapter_model.safetensors'),
             metadata={'format': 'pt'})
-  _write_json(os.path.join(folder, 'adapter_config.json'),
+  write_json(os.path.join(folder, 'adapter_config.json'),
               adapter_config(rank, alpha, target_modules, dropout, base_model))
 
 
@@ -146,7 +147,7 @@ def write_indicator(folder, params, eps_shape):
   os.makedirs(folder, exist_ok=True)
   save_file(indicator_state_dict(params, eps_shape), os.path.join(folder, 'indicator.safetensors'),
             metadata={'format': 'pt'})
-  _write_json(os.path.join(folder, 'indicator.json'), indicator_description(params, eps_shape))
+  write_json(os.path.join(folder, 'indicator.json'), indicator_description(params, eps_shape))
 
 
 def export_latent_ddm(ddm, params, out, extra=None):
@@ -170,7 +171,7 @@ def export_latent_ddm(ddm, params, out, extra=None):
   written.append('pytorch_lora_weights.safetensors')
   write_indicator(out, params['indicator'], ddm.eps_shape)
   written += ['indicator.safetensors', 'indicator.json']
-  _write_json(os.path.join(out, 'export.json'), {
+  write_json(os.path.join(out, 'export.json'), {
       'pretrained': base, 'files': written, 'prompt': ddm.prompt,
       'unet_lora': {'r': lc.unet_rank, 'lora_alpha': _number(lc.unet_alpha),
                     'target_modules': list(lc.unet_targets)},
@@ -182,36 +183,4 @@ def export_latent_ddm(ddm, params, out, extra=None):
 
 
 def _to_numpy(tree):
-  import jax  # pylint: disable=import-outside-toplevel
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def _main(argv):
-  from ddm_jax.cli import load_trained  # pylint: disable=import-outside-toplevel
-  p = argparse.ArgumentParser(prog='export.py', description=(
-      'Export a trained Stable Diffusion DDM: peft LoRA adapters (UNet, text encoder), '
-      "diffusers' pytorch_lora_weights.safetensors and the indicator as safetensors."))
-  p.add_argument('--workdir', required=True, help='a train.py workdir (latest checkpoint)')
-  p.add_argument('--output', required=True, help='folder to write')
-  p.add_argument('--no_ema', action='store_true', help='export the raw instead of the EMA weights')
-  args = p.parse_args(argv)
-  _, ddm, params, _, _, step = load_trained(args.workdir, use_ema=not args.no_ema)
-  if not getattr(ddm, 'latent', False):
-    raise ConfigError(f'{args.workdir} is a pixel-space DDM; export is for Stable Diffusion '
-                      f'(LoRA) runs (config.model.pretrained)')
-  written = export_latent_ddm(ddm, params, args.output, extra={
-      'workdir': os.path.abspath(args.workdir), 'checkpoint_step': int(step),
-      'ema': not args.no_ema})
-  print(f'wrote {", ".join(written)} to {os.path.abspath(args.output)}')
-
-
-def export_main(argv=None):
-  from ddm_jax.cli import cli  # pylint: disable=import-outside-toplevel
-  return cli(_main)(argv)

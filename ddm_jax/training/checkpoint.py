@@ -17,6 +17,7 @@ import tempfile
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -47,6 +48,17 @@ class _IteratorState:
 
 def config_to_json(config):
   return json.loads(json.dumps(config.to_dict() if hasattr(config, 'to_dict') else config))
+
+
+def config_from_json(obj):
+  """A saved config (JSON, lists) back to the ConfigDict with tuples our configs use."""
+  def tuples(o):
+    if isinstance(o, dict):
+      return {k: tuples(v) for k, v in o.items()}
+    if isinstance(o, list):
+      return tuple(tuples(v) for v in o)
+    return o
+  return ml_collections.ConfigDict(tuples(obj))
 
 
 def _one_line(error, limit=400):

@@ -4,32 +4,24 @@ import os
 import time
 
 import jax
-import numpy as np
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from ddm_jax import data as data_lib
+from ddm_jax import parallel
 from ddm_jax.config import validate
-from ddm_jax.errors import CheckpointError, DDMError
+from ddm_jax.ddm import build_ddm
+from ddm_jax.errors import DDMError
+from ddm_jax.files import write_json
+from ddm_jax.generation.generator import generate, make_generator
 from ddm_jax.images import save_grid
-from ddm_jax.sampling import generate, make_generator
-from ddm_jax.training import parallel
-from ddm_jax.training.checkpoint import Checkpointer, abstract_like, check_compatible, config_to_json
-from ddm_jax.training.optim import make_optimizer
-from ddm_jax.training.state import create_train_state
-from ddm_jax.training.step import jit_train_step, make_train_step
+from ddm_jax.training.checkpoint import Checkpointer, check_compatible, config_to_json
+from ddm_jax.training.setup import TrainSetup
 
 
 class NonFiniteError(DDMError):
   pass
-
-
-def build_ddm(config):
-  """Pixel-space DDM, or the latent Stable Diffusion DDM when a pretrained folder is set."""
-  if config.model.get('pretrained'):
-    from ddm_jax.latent import LatentDDM  # pylint: disable=import-outside-toplevel
-    return LatentDDM(config)
-  from ddm_jax.ddm import DDM  # pylint: disable=import-outside-toplevel
-  return DDM(config)
 
 
 class MetricsWriter:
@@ -38,7 +30,6 @@ class MetricsWriter:
   def __init__(self, workdir, enabled):
     self.enabled = enabled
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
       self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
@@ -58,10 +49,6 @@ class MetricsWriter:
       self.tb.close()
 
 
-def _replicate_tree(tree, sharding):
-  return jax.tree_util.tree_map(lambda _: sharding, tree)
-
-
 def train(config, workdir, should_stop=lambda: False, progress=True):
   """Train (or resume) a DDM in `workdir`. Returns the final TrainState.
 
@@ -72,48 +59,38 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
   local_batch = parallel.check_batch_divides(config.train.batch_size)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh()
-  repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-
   data_dir = data_lib.resolve_data_dir(config.data, workdir)
   if is_main:
     data_lib.prepare(config.data, data_dir)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices('data prepared')
   ddm = build_ddm(config)
   iterator = data_lib.make_iterator(config.data, data_dir, config.data.split, local_batch,
                                     seed=config.data.shuffle_seed,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count(),
-                                    extra_fn=getattr(ddm, 'host_features', None))
+                                    extra_fn=ddm.host_features)
   num_steps = config.train.num_steps
-  tx = make_optimizer(config.optim, num_steps)
-  init_fn = lambda rng: create_train_state(ddm.init(rng), tx, config.train.ema_decay)
-  init_key = jax.random.fold_in(jax.random.key(config.train.seed), -1 % (2 ** 31))
-  abstract = jax.eval_shape(init_fn, init_key)
-  state_sh = _replicate_tree(abstract, repl)
+  setup = TrainSetup(ddm, config)
+  mesh = setup.mesh
 
   ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
   ckpt.check_writable()  # fail now, not at the first checkpoint hours later
-  target = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
   # The newest checkpoint that restores and matches its checksums; damaged ones are moved aside.
   start, state, it_state = ckpt.restore_latest(
-      target, check_config=lambda saved: check_compatible(saved, config, workdir))
+      setup.target, check_config=lambda saved: check_compatible(saved, config, workdir))
   if start is not None:
     iterator.set_state(it_state)
     if is_main:
       print(f'resumed from {ckpt.directory}/{start}', flush=True)
   else:
     start = 0
-    state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
+    state = setup.init_state()
     if is_main:
-      with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-        json.dump(config_to_json(config), f, indent=2)
+      write_json(os.path.join(workdir, 'config.json'), config_to_json(config))
 
-  frozen = jax.device_put(ddm.frozen(), repl)
-  step_fn = jit_train_step(make_train_step(ddm, config, tx), state_sh, data_sh, repl)
+  frozen = setup.frozen()
+  step_fn = setup.step_fn()
   writer = MetricsWriter(workdir, is_main)
   sample_gen = None
   skip_nonfinite = config.train.get('skip_nonfinite', False)
@@ -153,8 +130,9 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
         ckpt.check()  # a failed background checkpoint write stops the run here
       if config.train.sample_every and step % config.train.sample_every == 0:
         if sample_gen is None:
-          sample_gen = make_generator(ddm, mesh, config.sample.sampler, config.sample.steps,
-                                      config.sample.eta, **sampler_extra(ddm))
+          sampler = config.sample.sampler
+          sample_gen = make_generator(ddm, mesh, sampler, config.sample.steps, config.sample.eta,
+                                      **ddm.sampler_kwargs(sampler))
         imgs = generate(sample_gen, state.sample_params, frozen, config.train.num_sample_images,
                         jax.random.key(config.train.seed), config.train.num_sample_images,
                         progress=False)
@@ -174,7 +152,3 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
     ckpt.close()  # waits for the last write: CheckpointError if it failed
   return state
 
-
-def sampler_extra(ddm):
-  """Pixel models clip x0 to the data range, as diffusers' DDPM/DDIM clip_sample does."""
-  return {} if getattr(ddm, 'latent', False) else {'clip_x0': 1.0}

@@ -1,30 +1,26 @@
 """Stable Diffusion text-to-image sampling: prompts, negative prompts, classifier-free
-guidance, the scheduler from the folder's `scheduler_config.json`, LoRA merged.
+guidance, LoRA merged (the scheduler options come from `LatentDDM.sampler_kwargs`).
 
-`CFGModel` wraps a `LatentDDM` for `ddm_jax.sampling.make_generator`: its `sample_cond`
+`CFGModel` wraps a `LatentDDM` for `generation.generator.make_generator`: its `sample_cond`
 encodes per-sample prompt tokens (and negative-prompt tokens), its `model_fn` runs the
 UNet once on the batch-doubled input `[x; x]` with contexts `[negative; prompt]` and
 returns `uncond + s * (cond - uncond)`, as diffusers' `StableDiffusionPipeline` does
 (guidance_rescale=0; guidance only when the scale is > 1). Samplers, the sharding and
-other guidance hooks (ddm_jax.guidance's indicator guidance reads `ddm.model_fn`, so it
-steers the guided prediction) see an ordinary model.
+other guidance hooks (generation.guidance's indicator guidance reads `ddm.model_fn`, so
+it steers the guided prediction) see an ordinary model.
 
-    sd = CFGModel(ddm)
     params, frozen = inference_params(ddm, params, frozen)       # LoRA merged
-    gen = make_sd_generator(ddm, mesh, 'pndm', 40)
+    gen = make_generator(CFGModel(ddm), mesh, 'pndm', 40, **ddm.sampler_kwargs('pndm'))
     cond = prompt_batch(ddm, ['a photo of a face'], 4, negative_prompt='', cfg_scale=7.5)
     images = generate(gen, params, frozen, 4, key, 4, cond=cond)  # [-1, 1] NHWC
 """
-import sys
 from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddm_jax.diffusion.samplers import SAMPLERS, scheduler_kwargs
 from ddm_jax.errors import ConfigError
-from ddm_jax.sampling import make_generator
 
 DEFAULT_SAMPLER = 'pndm'   # StableDiffusionPipeline's scheduler for SD 1.x
 DEFAULT_STEPS = 40         # the reference's num_inference_steps
@@ -117,57 +113,3 @@ def prompt_batch(ddm, prompts: Sequence[str], num_per_prompt: int, negative_prom
     cond['negative_ids'] = repeat(ddm.tokenize(negative))
     cond['cfg_scale'] = np.full(len(prompts) * num_per_prompt, cfg_scale, np.float32)
   return cond
-
-
-def make_sd_generator(ddm, mesh, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, eta=0.0,
-                      guidance=None, **sampler_kw):
-  """`make_generator` for a LatentDDM with classifier-free guidance and the sampler
-  configured from the folder's scheduler config (steps_offset, set_alpha_to_one,
-  timestep_spacing, clip_sample: as `<Scheduler>.from_config(scheduler_config)`);
-  `sampler_kw` override those. Returns (gen, notes): notes name scheduler options we
-  do not implement."""
-  if sampler not in SAMPLERS:
-    raise ConfigError(f'unknown sampler {sampler!r}; use one of {sorted(SAMPLERS)}')
-  kw, notes = scheduler_kwargs(sampler, ddm.scheduler_config, ddm.sched)
-  model = ddm if isinstance(ddm, CFGModel) else CFGModel(ddm)
-  return make_generator(model, mesh, sampler, steps, eta, guidance=guidance,
-                        **{**kw, **sampler_kw}), notes
-
-
-class CLISetup:
-  """What `sample.py` needs for a Stable Diffusion workdir (see `setup_cli`)."""
-
-  def __init__(self, model, params, frozen, cond, prompts, per_prompt, negative_prompt,
-               cfg_scale):
-    self.model, self.params, self.frozen, self.cond = model, params, frozen, cond
-    self.prompts, self.per_prompt = prompts, per_prompt
-    self.negative_prompt, self.cfg_scale = negative_prompt, cfg_scale
-    self.sampler, self.steps = DEFAULT_SAMPLER, DEFAULT_STEPS
-    self.prompt_index = np.repeat(np.arange(len(prompts)), per_prompt)
-
-  def sampler_kwargs(self, sampler, log=lambda m: print(m, file=sys.stderr)):
-    """The scheduler config's options for `sampler`; unimplemented ones are logged."""
-    kw, notes = scheduler_kwargs(sampler, self.model.scheduler_config, self.model.sched)
-    for note in notes:
-      log(f'note: scheduler_config.json has {note}')
-    return kw
-
-  @property
-  def info(self):
-    return {'prompts': self.prompts, 'num_per_prompt': self.per_prompt,
-            'negative_prompt': self.negative_prompt, 'cfg_scale': self.cfg_scale,
-            'lora_merged': True}
-
-
-def setup_cli(args, ddm, params, frozen):
-  """sample.py on a Stable Diffusion workdir: LoRA merged into the base weights, the
-  prompts (`--prompt`, repeatable or ';'-separated; default the training prompt) with
-  `--negative_prompt` and `--cfg_scale`. `--num_samples` counts images per prompt:
-  `args.num_samples` becomes the total (prompt-major order)."""
-  prompts = split_prompts(args.prompt) or [ddm.prompt]
-  per_prompt = args.num_samples
-  cond = prompt_batch(ddm, prompts, per_prompt, args.negative_prompt, args.cfg_scale)
-  params, frozen = inference_params(ddm, params, frozen)
-  args.num_samples = per_prompt * len(prompts)
-  return CLISetup(CFGModel(ddm), params, frozen, cond, prompts, per_prompt,
-                  args.negative_prompt, args.cfg_scale)

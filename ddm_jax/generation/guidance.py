@@ -15,12 +15,16 @@ guidance pulls sample i toward its group ``y_i``. The wrapped denoiser is
 traced into the sampler's single ``lax.scan`` (DDIM, DDPM, DPM-Solver++), so
 guided sampling stays one compiled program, batch-sharded like the unguided.
 """
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddm_jax.diffusion.samplers import SAMPLERS
 from ddm_jax.diffusion.schedules import alpha_sigma, to_x0_eps
 from ddm_jax.errors import ConfigError
+from ddm_jax.generation.generator import make_generator
 
 GUIDE_KEY = 'guide'  # make_generator hands the per-sample guide pytree to the hook under this key
 
@@ -184,8 +188,6 @@ def move_clip(sampler, sampler_kw):
   """``(sampler_kw without clip_x0, clip)``: the clip a sampler would apply to x0, handed
   to the guidance instead (``make_indicator_guidance(clip_x0=...)``). Samplers that do
   not clip (DPM-Solver++, PNDM) keep their behaviour: clip is then None."""
-  import inspect  # pylint: disable=import-outside-toplevel
-  from ddm_jax.diffusion.samplers import SAMPLERS  # pylint: disable=import-outside-toplevel
   kw = dict(sampler_kw)
   clip = kw.pop('clip_x0', None)
   fn = SAMPLERS.get(sampler)
@@ -198,18 +200,8 @@ def make_guided_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, grad_cli
                           path='unet', sampler_kw=None):
   """``make_generator`` with indicator guidance; the x0 clipping of pixel models moves
   from the sampler into the guidance, ahead of the guidance term (see ``clip_x0``).
-  ``sampler_kw`` defaults to ``training.loop.sampler_extra(ddm)``."""
-  from ddm_jax.sampling import make_generator  # pylint: disable=import-outside-toplevel
-  from ddm_jax.training.loop import sampler_extra  # pylint: disable=import-outside-toplevel
-  kw, clip = move_clip(sampler, sampler_extra(ddm) if sampler_kw is None else sampler_kw)
+  ``sampler_kw`` defaults to ``ddm.sampler_kwargs(sampler)``."""
+  kw, clip = move_clip(sampler, ddm.sampler_kwargs(sampler) if sampler_kw is None else sampler_kw)
   hook = make_indicator_guidance(ddm, grad_clip, path, clip_x0=clip)
   return make_generator(ddm, mesh, sampler, steps, eta, guidance=hook, **kw)
 
-
-def guidance_from_args(ddm, guidance, grad_clip=None, path='unet'):
-  """The hook named by a CLI ``--guidance`` value ('none' | 'indicator'), or None."""
-  if guidance in (None, '', 'none'):
-    return None
-  if guidance == 'indicator':
-    return make_indicator_guidance(ddm, grad_clip, path)
-  raise ConfigError(f"--guidance must be 'none' or 'indicator', got {guidance!r}")

@@ -5,7 +5,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ddm_jax.diffusion.samplers import SAMPLERS, make_denoiser
-from ddm_jax.training.parallel import batch_sharding, replicated
+from ddm_jax.parallel import batch_sharding, replicated
 
 
 def make_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, guidance=None, **sampler_kw):
@@ -20,7 +20,7 @@ def make_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, guidance=None, 
 
   `cond` (optional) is a pytree of per-sample arrays [B, ...] handed, batch-sharded, to
   `ddm.sample_cond(params, frozen, B, **cond)` (e.g. prompt token ids for Stable Diffusion,
-  see ddm_jax.sd_sampling). `latents` (optional, [B, *ddm.sample_shape]) replaces the
+  see ddm_jax.generation.prompts). `latents` (optional, [B, *ddm.sample_shape]) replaces the
   initial noise drawn from `key`, as diffusers' `latents=` does."""
   if sampler not in SAMPLERS:
     raise ValueError(f'unknown sampler {sampler!r}; use one of {sorted(SAMPLERS)}')

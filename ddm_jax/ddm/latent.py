@@ -1,4 +1,4 @@
-"""Latent DDM: Stable Diffusion 1.x/2.x from a local diffusers folder, fine-tuned with LoRA.
+"""Latent DDM: Stable Diffusion 1.x/2.x parts (loaded by `ddm_jax.ddm.build`), LoRA-tuned.
 
 images -> VAE latents (x scaling factor) -> noise at a random t -> UNet(+LoRA) with the
 prompt's text embedding (text encoder +LoRA when trained) -> w_rec*MSE + w_ind*CE.
@@ -6,33 +6,27 @@ The base weights are `frozen` (never in the optimizer, never checkpointed); the
 trainable tree is {'unet_lora', 'text_lora' (optional), 'indicator'}.
 """
 import contextlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddm_jax.ddm import DDM
-from ddm_jax.diffusion.schedules import make_schedule
-from ddm_jax.interop.diffusers import load_pipeline
+from ddm_jax.ddm.protocol import DDM
+from ddm_jax.diffusion.samplers import scheduler_kwargs
+from ddm_jax.diffusion.schedules import schedule_from_scheduler_config
 from ddm_jax.models import lora as lora_lib
 from ddm_jax.models.indicator import Indicator
 from ddm_jax.models.vae import sample_latent
 
 
-def schedule_from_scheduler_config(cfg):
-  return make_schedule(cfg.get('beta_schedule', 'scaled_linear'),
-                       cfg.get('num_train_timesteps', 1000), cfg.get('beta_start', 0.00085),
-                       cfg.get('beta_end', 0.012), cfg.get('prediction_type', 'epsilon'))
-
-
 class LatentDDM(DDM):
   latent = True
 
-  def __init__(self, config):  # pylint: disable=super-init-not-called
+  def __init__(self, config, sd):
+    """`sd`: the loaded parts (`interop.diffusers.load_pipeline`'s StableDiffusion)."""
     self.config = config
     m, lc = config.model, config.lora
-    dtype = jnp.dtype(m.get('dtype', 'float32'))
-    sd = load_pipeline(m.pretrained, dtype=dtype)
     self.unet = sd.unet.clone(remat=bool(m.get('remat', False)))
     self.vae, self.text_encoder, self.tokenizer = sd.vae, sd.text_encoder, sd.tokenizer
     self.scheduler_config = sd.scheduler_config
@@ -46,6 +40,7 @@ class LatentDDM(DDM):
     self.unet_scale = lc.unet_alpha / lc.unet_rank
     self.text_scale = lc.text_alpha / lc.text_rank
     self.prompt = config.data.get('prompt', 'A human face')
+    self._reported = set()
 
   # ---------------------------------------------------------------- parameters
   def init(self, rng):
@@ -95,13 +90,27 @@ class LatentDDM(DDM):
     with self._lora(params, 'unet_lora', self.unet_scale, dropout_rng):
       return self.unet.apply({'params': frozen['unet']}, x_t, t, context)
 
-  def sample_cond(self, params, frozen, batch_size):
+  def sample_cond(self, params, frozen, batch_size, **per_sample):
+    """The training prompt's embedding for every sample (`generation.prompts.CFGModel`
+    adds per-sample prompts and classifier-free guidance)."""
+    del per_sample
     ids = jnp.asarray(self.tokenize([self.prompt]))
     ctx = self.encode_text(params, frozen, ids)
     return {'context': jnp.broadcast_to(ctx, (batch_size,) + ctx.shape[1:])}
 
   def decode(self, frozen, z):
     return self.vae.apply({'params': frozen['vae']}, z / self.vae.scaling_factor, method='decode')
+
+  def sampler_kwargs(self, sampler):
+    """The folder's scheduler_config.json for `sampler` (steps_offset, spacing, final
+    alpha, clip_sample), as `<Scheduler>.from_config`; options we do not implement are
+    reported once each on stderr."""
+    kw, notes = scheduler_kwargs(sampler, self.scheduler_config, self.sched)
+    for note in notes:
+      if note not in self._reported:
+        self._reported.add(note)
+        print(f'note: scheduler_config.json has {note}', file=sys.stderr)
+    return kw
 
   def merged_params(self, params):
     """Base weights with the LoRA folded in (for inference and export)."""

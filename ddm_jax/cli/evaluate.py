@@ -1,0 +1,69 @@
+"""evaluate.py: fairness and quality of a trained DDM, written as a report."""
+import argparse
+import os
+
+from ddm_jax.cli.common import cli
+from ddm_jax.errors import ConfigError
+from ddm_jax.evaluation.context import EvalSettings
+from ddm_jax.evaluation.report import evaluate_workdir, fmt
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+      prog='evaluate.py',
+      description='Fairness and quality of a trained DDM: group proportions (bootstrap CIs), FD, '
+                  'KL, SPD, Fréchet classifier distance, precision/recall, indicator entropy.')
+  p.add_argument('--workdir', required=True, help='a train.py workdir')
+  p.add_argument('--num_samples', type=int, default=1000)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--sampler', default=None, help='ddim | ddpm | dpm++2m (default: config.sample)')
+  p.add_argument('--steps', type=int, default=None)
+  p.add_argument('--eta', type=float, default=None)
+  p.add_argument('--batch_size', type=int, default=500)
+  p.add_argument('--target', default=None,
+                 help='target group distribution, e.g. 0.5,0.5 (default uniform; ratios ok)')
+  p.add_argument('--accuracy_floor', type=float, default=0.95,
+                 help='refuse fairness figures when the evaluator is less accurate than this')
+  p.add_argument('--evaluator_split', default=None)
+  p.add_argument('--heldout_split', default=None)
+  p.add_argument('--reference_splits', default=None, help='comma-separated real splits for FCD')
+  p.add_argument('--evaluator_steps', type=int, default=300)
+  p.add_argument('--cache_dir', default=None, help='evaluator cache (default '
+                 '$DDM_EVAL_CACHE or ~/.cache/ddm_jax/evaluators)')
+  p.add_argument('--guidance', default='none', choices=('none', 'indicator'))
+  p.add_argument('--guidance_scale', type=float, default=0.0)
+  p.add_argument('--grad_clip', type=float, default=None)
+  p.add_argument('--guidance_path', default='unet', choices=('unet', 'x0'),
+                 help='gradient through the whole UNet (unet) or only its x0 estimate (x0)')
+  p.add_argument('--no_ema', action='store_true')
+  p.add_argument('--out_dir', default=None, help='default <workdir>/eval[/indicator_s<S>]')
+  p.add_argument('--no_progress', action='store_true')
+  return p.parse_args(argv)
+
+
+@cli
+def main(argv):
+  args = parse_args(argv)
+  target = None
+  if args.target:
+    try:
+      target = [float(v) for v in args.target.split(',')]
+    except ValueError:
+      raise ConfigError(f'--target must be comma-separated numbers, got {args.target!r}') from None
+  settings = EvalSettings(
+      num_samples=args.num_samples, seed=args.seed, sampler=args.sampler, steps=args.steps,
+      eta=args.eta, batch_size=args.batch_size, target=target, accuracy_floor=args.accuracy_floor,
+      evaluator_split=args.evaluator_split, heldout_split=args.heldout_split,
+      reference_splits=args.reference_splits.split(',') if args.reference_splits else None,
+      evaluator_steps=args.evaluator_steps, cache_dir=args.cache_dir, guidance=args.guidance,
+      guidance_scale=args.guidance_scale, grad_clip=args.grad_clip,
+      guidance_path=args.guidance_path, use_ema=not args.no_ema)
+  report, out_dir = evaluate_workdir(args.workdir, settings, args.out_dir,
+                                     progress=not args.no_progress)
+  f, q = report['fairness'], report['quality']
+  print(f"proportions {fmt(f['proportions'], 4)} (target {fmt(f['target'], 3)}), "
+        f"FD {f['fd']:.4f}, KL {f['kl']:.5f}, FCD {q['fcd']:.3f} "
+        f"(noise floor {q['noise_floor_fcd']:.3f}), precision {q['precision']:.3f}, "
+        f"recall {q['recall']:.3f}")
+  print(f'wrote {os.path.abspath(out_dir)}/report.json, report.md, proportions.png, '
+        'samples_by_group.png')

@@ -1,0 +1,87 @@
+"""sample.py: images from a trained DDM (pixel or Stable Diffusion workdir)."""
+import argparse
+import os
+
+import numpy as np
+
+from ddm_jax.cli.common import cli
+from ddm_jax.errors import DDMError
+from ddm_jax.files import atomic_path, write_json
+from ddm_jax.generation.plan import plan_generator, plan_samples, run_plan, sampling_params
+from ddm_jax.generation.prompts import DEFAULT_CFG_SCALE, split_prompts
+from ddm_jax.images import save_grid, save_png, to_uint8
+from ddm_jax.training.setup import load_trained
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog='sample.py', description='Sample images from a trained DDM.')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--output', default=None, help='default: <workdir>/generated')
+  p.add_argument('--num_samples', type=int, default=64)
+  p.add_argument('--sampler', default=None, help='ddim | ddpm | dpm++2m | pndm (default: '
+                 'config.sample; pndm for Stable Diffusion workdirs)')
+  p.add_argument('--steps', type=int, default=None,
+                 help='default: config.sample.steps; 40 for Stable Diffusion workdirs')
+  p.add_argument('--eta', type=float, default=None)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--batch_size', type=int, default=256)
+  p.add_argument('--no_ema', action='store_true', help='use the raw instead of the EMA weights')
+  p.add_argument('--class_label', type=int, default=None,
+                 help='group to condition on (class-conditioned UNets only)')
+  p.add_argument('--guidance', default='none', choices=('none', 'indicator'),
+                 help='indicator: steer each sample to a target group with the trained indicator')
+  p.add_argument('--target', default=None, help='target group distribution, e.g. 0.5,0.5 '
+                 '(default uniform); samples are assigned groups stratified per batch')
+  p.add_argument('--guidance_scale', type=float, default=1.0)
+  p.add_argument('--grad_clip', type=float, default=None,
+                 help='cap the per-sample norm of the guidance gradient')
+  p.add_argument('--guidance_path', default='unet', choices=('unet', 'x0'),
+                 help='gradient through the whole UNet (unet) or only its x0 estimate (x0)')
+  sd_args = p.add_argument_group('Stable Diffusion workdirs')
+  sd_args.add_argument('--prompt', action='append', default=None,
+                       help="text prompt; repeat the flag or separate prompts with ';' "
+                       '(default: the training prompt); --num_samples images per prompt')
+  sd_args.add_argument('--negative_prompt', default=None,
+                       help='the unconditional prompt of classifier-free guidance (default "")')
+  sd_args.add_argument('--cfg_scale', type=float, default=DEFAULT_CFG_SCALE,
+                       help='classifier-free guidance scale (<= 1: no guidance)')
+  args = p.parse_args(argv)
+  if args.num_samples <= 0:
+    raise DDMError(f'--num_samples must be positive, got {args.num_samples}')
+  if args.target is not None and args.guidance != 'indicator':
+    raise DDMError('--target needs --guidance=indicator')
+  return args
+
+
+@cli
+def main(argv):
+  args = parse_args(argv)
+  trained = load_trained(args.workdir, use_ema=not args.no_ema)
+  ddm = trained.ddm
+  plan = plan_samples(ddm, trained.config, args.num_samples, seed=args.seed,
+                      batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
+                      eta=args.eta, target=args.target, class_label=args.class_label,
+                      guidance=args.guidance, guidance_scale=args.guidance_scale,
+                      prompts=split_prompts(args.prompt), negative_prompt=args.negative_prompt,
+                      cfg_scale=args.cfg_scale)
+  gen = plan_generator(ddm, trained.mesh, plan, args.grad_clip, args.guidance_path)
+  params, frozen = sampling_params(ddm, trained.params, trained.frozen)
+  imgs = run_plan(gen, plan, params, frozen)
+
+  out = args.output or os.path.join(args.workdir, 'generated')
+  os.makedirs(out, exist_ok=True)
+  u8 = to_uint8(imgs)
+  for i, img in enumerate(u8):
+    save_png(os.path.join(out, f'{i:05d}.png'), img)
+  per_sample = {'class_labels': plan.class_labels, 'guide_labels': plan.guide_labels,
+                'prompt_index': plan.prompt_index}
+  with atomic_path(os.path.join(out, 'samples.npz')) as tmp:
+    np.savez(tmp, images=u8, seed=args.seed, step=trained.step,
+             **{k: v for k, v in per_sample.items() if v is not None})
+  save_grid(os.path.join(out, 'grid.png'), imgs[:256])
+  info = {'workdir': os.path.abspath(args.workdir), 'checkpoint_step': trained.step,
+          'ema': not args.no_ema, **plan.describe()}
+  if plan.guide is not None:
+    info.update(grad_clip=args.grad_clip, guidance_path=args.guidance_path)
+  write_json(os.path.join(out, 'sampling.json'), info)
+  print(f'wrote {plan.num_samples} PNGs, samples.npz and grid.png to {os.path.abspath(out)}')

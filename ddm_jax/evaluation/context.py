@@ -1,0 +1,149 @@
+"""What a set of evaluations shares: the settings, and the real-data context (the
+evaluator trained on real images with their true groups, the reference features, the
+real-vs-real noise floor, the training-set proportions)."""
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from ddm_jax import data as data_lib
+from ddm_jax.errors import ConfigError
+from ddm_jax.evaluation import classifier, quality
+from ddm_jax.generation.guidance import PATHS, check_scale, parse_target
+from ddm_jax.generation.plan import GUIDANCES
+
+DEFAULT_CACHE = os.path.expanduser('~/.cache/ddm_jax/evaluators')
+
+
+@dataclasses.dataclass
+class EvalSettings:
+  num_samples: int = 1000
+  seed: int = 0
+  sampler: Optional[str] = None           # default: config.sample.sampler
+  steps: Optional[int] = None             # default: config.sample.steps
+  eta: Optional[float] = None
+  batch_size: int = 500
+  target: Optional[Sequence[float]] = None  # default: uniform
+  accuracy_floor: float = 0.95
+  evaluator_split: Optional[str] = None   # default: 'balanced' (biased_digits) / 'train'
+  heldout_split: Optional[str] = None     # default: 'test'
+  reference_splits: Optional[Sequence[str]] = None  # default: evaluator + held-out splits
+  evaluator_steps: int = 300
+  evaluator_seed: int = 0
+  cache_dir: Optional[str] = None         # default: $DDM_EVAL_CACHE or ~/.cache/ddm_jax/evaluators
+  n_boot: int = 1000
+  knn_k: int = 3
+  entropy_samples: int = 1000
+  guidance: str = 'none'                  # 'none' | 'indicator'
+  guidance_scale: float = 0.0
+  grad_clip: Optional[float] = None
+  guidance_path: str = 'unet'             # 'unet' | 'x0' (ddm_jax.guidance.make_indicator_guidance)
+  use_ema: bool = True
+
+  def validate(self):
+    if self.num_samples < 2 * (self.knn_k + 1):
+      raise ConfigError(f'num_samples must be >= {2 * (self.knn_k + 1)}, got {self.num_samples}')
+    if self.batch_size < 1:
+      raise ConfigError(f'batch_size must be positive, got {self.batch_size}')
+    if not 0.0 <= self.accuracy_floor <= 1.0:
+      raise ConfigError(f'accuracy_floor must be in [0, 1], got {self.accuracy_floor}')
+    if self.guidance not in GUIDANCES:
+      raise ConfigError(f"guidance must be 'none' or 'indicator', got {self.guidance!r}")
+    if self.guidance == 'indicator':
+      check_scale(self.guidance_scale)
+      if self.guidance_path not in PATHS:
+        raise ConfigError(f'guidance_path must be one of {PATHS}, got {self.guidance_path!r}')
+    return self
+
+
+def true_group_data_cfg(data_cfg):
+  """``data_cfg`` with pseudo-labels off: the evaluator always learns the *true* groups."""
+  cfg = ml_collections.ConfigDict(copy.deepcopy(data_cfg.to_dict()))
+  if 'pseudo_labels' in cfg:
+    cfg.pseudo_labels = ''
+  return cfg
+
+
+def default_splits(data_cfg, settings):
+  if data_cfg.name == 'biased_digits':
+    ev, ho = 'balanced', 'test'
+  else:
+    ev, ho = 'train', 'test'
+  ev = settings.evaluator_split or ev
+  ho = settings.heldout_split or ho
+  ref = tuple(settings.reference_splits or (ev, ho))
+  return ev, ho, ref
+
+
+def arch_key(config):
+  """The parts of a config that fix the compiled model functions (not weights, data or loss)."""
+  d = config.to_dict() if hasattr(config, 'to_dict') else config
+  sub = {k: d.get(k) for k in ('model', 'indicator', 'diffusion', 'lora', 'latent_factor')}
+  sub['data'] = {k: d['data'].get(k) for k in ('resolution', 'channels', 'num_groups')}
+  return json.dumps(sub, sort_keys=True, default=str)
+
+
+class EvalContext:
+  """Everything about the real data a set of evaluations shares: the evaluator, the
+  reference features, the noise floor and the training-set proportions."""
+
+  def __init__(self, config, settings, data_dir=None, progress=False):
+    self.settings = settings.validate()
+    self.config = config
+    data_cfg = true_group_data_cfg(config.data)
+    self.num_groups = int(data_cfg.num_groups)
+    self.data_dir = data_dir or data_lib.resolve_data_dir(data_cfg)
+    ev, ho, ref = default_splits(data_cfg, settings)
+    self.splits = {'evaluator': ev, 'heldout': ho, 'reference': list(ref)}
+    t0 = time.time()
+    x_ev, y_ev = data_lib.load_arrays(data_cfg, self.data_dir, ev)
+    x_ho, y_ho = data_lib.load_arrays(data_cfg, self.data_dir, ho)
+    cache_dir = settings.cache_dir or os.environ.get('DDM_EVAL_CACHE') or DEFAULT_CACHE
+    key = {'data': data_cfg.name, 'evaluator_split': ev, 'heldout_split': ho,
+           'resolution': int(data_cfg.resolution), 'channels': int(data_cfg.channels)}
+    ev_obj = classifier.load_or_train_evaluator(
+        cache_dir, key, x_ev, y_ev, self.num_groups, val_images=x_ho, val_labels=y_ho,
+        seed=settings.evaluator_seed, steps=settings.evaluator_steps)
+    self.evaluator = ev_obj.params
+    acc, per_group = classifier.accuracy(ev_obj.params, x_ho, y_ho)
+    self.evaluator_info = {
+        'heldout_accuracy': float(ev_obj.accuracy), 'heldout_accuracy_recomputed': acc,
+        'heldout_per_group_accuracy': [float(a) for a in per_group],
+        'n_train': int(len(y_ev)), 'n_heldout': int(len(y_ho)), 'floor': settings.accuracy_floor,
+        'cache': ev_obj.path, 'from_cache': bool(ev_obj.from_cache),
+        'train_split': ev, 'heldout_split': ho}
+    # Refuse before any sampling: fairness numbers from a weak evaluator mislead.
+    classifier.check_accuracy_floor(ev_obj.accuracy, settings.accuracy_floor)
+
+    parts = {ev: (x_ev, y_ev), ho: (x_ho, y_ho)}
+    xs, ys = [], []
+    for split in ref:
+      if split not in parts:
+        parts[split] = data_lib.load_arrays(data_cfg, self.data_dir, split)
+      xs.append(parts[split][0])
+      ys.append(parts[split][1])
+    self.ref_images, self.ref_labels = np.concatenate(xs), np.concatenate(ys)
+    self.ref_feats = classifier.features(self.evaluator, self.ref_images)
+    self.noise_floor = quality.noise_floor(self.ref_feats, seed=0, k=settings.knn_k)
+    train_split = data_cfg.get('split', 'train')
+    x_tr, y_tr = data_lib.load_arrays(data_cfg, self.data_dir, train_split)
+    self.train_split = train_split
+    self.train_feats = classifier.features(self.evaluator, x_tr)
+    self.train_counts = np.bincount(y_tr, minlength=self.num_groups)
+    self.train_proportions = self.train_counts / self.train_counts.sum()
+    self.target = parse_target(settings.target, self.num_groups)
+    self.setup_seconds = time.time() - t0
+
+  def describe(self):
+    return {'evaluator': self.evaluator_info, 'splits': self.splits,
+            'reference_size': int(self.ref_labels.size),
+            'reference_group_counts': np.bincount(self.ref_labels,
+                                                  minlength=self.num_groups).tolist(),
+            'train_split': self.train_split, 'train_group_counts': self.train_counts.tolist(),
+            'train_proportions': self.train_proportions.tolist(), 'target': self.target.tolist(),
+            'noise_floor': self.noise_floor}

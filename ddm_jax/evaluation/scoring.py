@@ -1,0 +1,96 @@
+"""Scoring: fairness and quality figures of generated images, and the indicator's own
+entropy and accuracy on real images noised at random timesteps."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddm_jax.diffusion.schedules import add_noise
+from ddm_jax.evaluation import classifier, fairness, quality
+from ddm_jax.evaluation.context import arch_key
+
+_ENTROPY_FNS = {}
+
+
+def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, batch_size=500):
+  """Entropy (mean, std) and accuracy of the indicator's softmax on real images noised
+  at uniformly random timesteps and passed through the UNet (as the reference code
+  evaluates); accuracy also per quarter of the timestep range."""
+  n = min(int(num), len(labels))
+  rng = np.random.default_rng(seed)
+  idx = rng.permutation(len(labels))[:n]
+  x, y = images[idx], np.asarray(labels)[idx].astype(np.int32)
+  T = int(ddm.sched.num_train_timesteps)
+  ts = rng.integers(0, T, size=n).astype(np.int32)
+  key = arch_key(config)
+  if key not in _ENTROPY_FNS:
+    def fn(params, frozen, x0, y, t, noise_key):
+      x0, _, cond = ddm.prepare_batch(frozen, {'image': x0, 'label': y}, noise_key)
+      noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+      x_t = add_noise(ddm.sched, x0, noise, t)
+      return ddm.indicator_fn(params, ddm.model_fn(params, frozen, x_t, t, **cond))
+
+    _ENTROPY_FNS[key] = jax.jit(fn)
+  fn = _ENTROPY_FNS[key]
+  bs = max(1, min(batch_size, n))
+  logits = []
+  for i, start in enumerate(range(0, n, bs)):
+    sl = slice(start, start + bs)
+    m = len(y[sl])
+    pad = lambda a: np.concatenate([a, np.repeat(a[:1], bs - m, axis=0)]) if m < bs else a
+    out = fn(params, frozen, pad(x[sl]), pad(y[sl]), pad(ts[sl]),
+             jax.random.fold_in(jax.random.key(seed), i))
+    logits.append(np.asarray(out, np.float64)[:m])
+  logits = np.concatenate(logits)
+  mean, std = fairness.entropy_stats(logits)
+  ok = logits.argmax(1) == y
+  quarters = [float(ok[(ts >= q * T // 4) & (ts < (q + 1) * T // 4)].mean())
+              if np.any((ts >= q * T // 4) & (ts < (q + 1) * T // 4)) else float('nan')
+              for q in range(4)]
+  return {'entropy_mean': mean, 'entropy_std': std, 'max_entropy': math.log(logits.shape[1]),
+          'accuracy': float(ok.mean()), 'accuracy_by_t_quarter': quarters, 'n': int(n)}
+
+
+def score(ctx, images, cond_labels=None, guide_labels=None):
+  """Fairness and quality figures of generated ``images`` (NHWC in [-1, 1])."""
+  s = ctx.settings
+  logits, feats = classifier.logits_and_features(ctx.evaluator, images, 500)
+  pred = logits.argmax(1).astype(np.int64)
+  k = ctx.num_groups
+  p_hat = fairness.proportions(pred, k)
+  lo, hi = fairness.bootstrap_ci(pred, k, n_boot=s.n_boot, seed=s.seed)
+  fair = {'n': int(pred.size), 'proportions': p_hat.tolist(), 'ci95_lo': lo.tolist(),
+          'ci95_hi': hi.tolist(), 'target': ctx.target.tolist(),
+          'fd': fairness.fairness_discrepancy(p_hat, ctx.target),
+          'fd_uniform': fairness.fairness_discrepancy(p_hat),
+          'kl': fairness.kl_divergence(p_hat, ctx.target)}
+  if k == 2:
+    fair['fd_paper'] = fairness.fd_paper_form(p_hat)
+  # FD's own sampling noise: the bootstrap spread of FD itself.
+  rng = np.random.default_rng(s.seed)
+  boot = rng.multinomial(pred.size, p_hat, size=s.n_boot) / pred.size
+  fds = np.linalg.norm(boot - ctx.target[None], axis=1)
+  fair['fd_ci95'] = [float(np.percentile(fds, 2.5)), float(np.percentile(fds, 97.5))]
+  if cond_labels is not None:
+    rates, spd = fairness.statistical_parity_difference(cond_labels, pred, k)
+    fair['spd'] = spd
+    fair['conditioned_hit_rates'] = rates.tolist()
+  if guide_labels is not None:
+    fair['guide_hit_rate'] = float(np.mean(pred == np.asarray(guide_labels)))
+
+  qual = {'fcd': quality.frechet_distance_from_features(ctx.ref_feats, feats),
+          'fcd_vs_train': quality.frechet_distance_from_features(ctx.train_feats, feats),
+          'noise_floor_fcd': ctx.noise_floor['fd']}
+  within = {}
+  for g in range(k):
+    fg, rg = feats[pred == g], ctx.ref_feats[ctx.ref_labels == g]
+    within[str(g)] = (quality.frechet_distance_from_features(rg, fg)
+                      if fg.shape[0] >= 2 and rg.shape[0] >= 2 else None)
+  qual['fcd_within_group'] = within
+  vals = [v for v in within.values() if v is not None]
+  qual['fcd_within_group_mean'] = float(np.mean(vals)) if len(vals) == k else None
+  prec, rec = quality.precision_recall(ctx.ref_feats, feats, k=s.knn_k)
+  qual.update(precision=prec, recall=rec, noise_floor_precision=ctx.noise_floor['precision'],
+              noise_floor_recall=ctx.noise_floor['recall'], knn_k=s.knn_k)
+  return {'fairness': fair, 'quality': qual}, pred

@@ -1,0 +1,94 @@
+"""The one place a train state is built or restored.
+
+mesh -> optimizer -> abstract state (`eval_shape`, nothing allocated) -> replicated
+shardings -> state created already sharded by `jit(out_shardings=...)`, or restored from
+a checkpoint into the same shardings -> frozen weights on the devices -> the jitted step.
+Training, loading a trained workdir, the benchmarks and the multi-process test worker
+all go through `TrainSetup`, so they compile the same programs.
+"""
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from ddm_jax import parallel
+from ddm_jax.ddm import DDM, build_ddm
+from ddm_jax.errors import CheckpointError
+from ddm_jax.training.checkpoint import Checkpointer, config_from_json
+from ddm_jax.training.optim import make_optimizer
+from ddm_jax.training.state import create_train_state
+from ddm_jax.training.step import jit_train_step, make_train_step
+
+
+def init_key(config):
+  """The key the parameters are initialised from (apart from the per-step keys)."""
+  return jax.random.fold_in(jax.random.key(config.train.seed), -1 % (2 ** 31))
+
+
+class TrainSetup:
+  """Shardings, optimizer and step of `ddm` under `config` on `mesh` (default: all devices).
+
+  `target` is the abstract state with its shardings (for `Checkpointer.restore`); a
+  fresh state comes from `init_state()`: params from `ddm.init`, or the `params` given
+  here (a benchmark's fixed weights, drawn once instead of again under `eval_shape`)."""
+
+  def __init__(self, ddm: DDM, config, mesh=None, params=None):
+    self.ddm, self.config = ddm, config
+    self.mesh = mesh if mesh is not None else parallel.make_mesh()
+    self.repl = parallel.replicated(self.mesh)
+    self.data = parallel.batch_sharding(self.mesh)
+    self.tx = make_optimizer(config.optim, config.train.num_steps)
+    self._params = params
+    abstract = (jax.eval_shape(self._init, init_key(config)) if params is None
+                else jax.eval_shape(self._state_from, params))
+    self.shardings = jax.tree_util.tree_map(lambda _: self.repl, abstract)
+    self.target = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.repl), abstract)
+
+  def _state_from(self, params):
+    return create_train_state(params, self.tx, self.config.train.ema_decay)
+
+  def _init(self, rng):
+    return self._state_from(self.ddm.init(rng))
+
+  def init_state(self):
+    if self._params is not None:
+      return jax.device_put(self._state_from(self._params), self.shardings)
+    return jax.jit(self._init, out_shardings=self.shardings)(init_key(self.config))
+
+  def frozen(self):
+    return jax.device_put(self.ddm.frozen(), self.repl)
+
+  def step_fn(self):
+    """The jitted train step(state, batch, frozen) -> (state, metrics), state donated."""
+    return jit_train_step(make_train_step(self.ddm, self.config, self.tx), self.shardings,
+                          self.data, self.repl)
+
+
+@dataclasses.dataclass
+class Trained:
+  """A trained workdir's latest checkpoint, ready to sample from."""
+  config: ml_collections.ConfigDict
+  ddm: DDM
+  params: Any     # the EMA weights where kept and asked for, else the raw ones
+  frozen: Any     # on the devices, replicated
+  mesh: Any
+  step: int
+
+
+def load_trained(workdir, use_ema=True):
+  """The latest finished checkpoint in `workdir`, with the config it was trained with."""
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise CheckpointError(f'no checkpoints in {workdir} (train first with train.py)')
+  ckpt = Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise CheckpointError(f'no finished checkpoint in {ckpt.directory}')
+  config = config_from_json(ckpt.read_config(step))
+  setup = TrainSetup(build_ddm(config), config)
+  state, _ = ckpt.restore(step, setup.target, with_data=False)
+  ckpt.close()
+  params = state.sample_params if use_ema else state.params
+  return Trained(config, setup.ddm, params, setup.frozen(), setup.mesh, step)
