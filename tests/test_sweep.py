@@ -7,7 +7,8 @@ import pytest
 
 from configs import digits
 from ddm_jax.errors import ConfigError
-from ddm_jax.experiments import fairness_sweep as S
+from ddm_jax.cli.sweep import main as sweep_main
+from ddm_jax.experiments import sweep as S
 
 
 def test_parse_ratio_and_cell_config():
@@ -134,10 +135,10 @@ def test_summary_and_plots(tmp_path):
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
-  assert S.cli_main(['--out', str(tmp_path), '--ratios', '4:0']) == 2
+  assert sweep_main(['--out', str(tmp_path), '--ratios', '4:0']) == 2
   assert 'ratio' in capsys.readouterr().err
-  assert S.cli_main(['--out', str(tmp_path), '--bogus']) == 2
-  assert S.cli_main(['--out', str(tmp_path), '--config.train.nope=1']) == 2
+  assert sweep_main(['--out', str(tmp_path), '--bogus']) == 2
+  assert sweep_main(['--out', str(tmp_path), '--config.train.nope=1']) == 2
 
 
 def test_guided_plots_keep_series_measured_at_other_scales(tmp_path, monkeypatch):

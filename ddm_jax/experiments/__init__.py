@@ -1,2 +1,2 @@
-"""Experiments that reproduce and extend the DDM paper (run as modules, e.g.
-``python -m ddm_jax.experiments.fairness_sweep --quick``)."""
+"""Experiments that reproduce and extend the DDM paper (library code; their command lines
+live in ddm_jax.cli, e.g. ``python -m ddm_jax.cli.sweep --quick``)."""

@@ -17,6 +17,7 @@ import tempfile
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -257,7 +258,6 @@ class Checkpointer:
         raise CheckpointError(f'checkpoint {step} in {self.directory} is damaged and cannot be '
                               f'moved aside ({_one_line(e)}); remove it by hand') from e
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f'quarantined checkpoint {step}')
     self.manager.reload()
     return target
