@@ -115,9 +115,6 @@ class FullDDM(DDM):
   def model_fn(self, params, frozen, x_t, t, context=None):
     return self.unet.apply({'params': params['unet']}, x_t, t, context)
 
-  def indicator_fn(self, params, eps_pred):
-    return self.indicator.apply({'params': params['indicator']}, eps_pred)
-
 
 class LoraDDM(FullDDM):
   """LatentDDM's own LoRA model_fn on the preset's UNet (frozen base, trained adapters)."""

@@ -95,9 +95,6 @@ class UNetLoRA(DDM):
   def prepare_batch(self, frozen, batch, rng):
     return batch['latent'], batch['label'], {'context': batch['context']}
 
-  def indicator_fn(self, params, eps):
-    return self.indicator.apply({'params': params['indicator']}, eps)
-
 
 def main(argv):
   p = argparse.ArgumentParser()

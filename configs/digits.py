@@ -87,5 +87,4 @@ def get_config():
   c.sample.sampler = 'ddim'
   c.sample.steps = 50
   c.sample.eta = 0.0
-  c.sample.use_ema = True
   return c

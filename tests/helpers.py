@@ -1,5 +1,6 @@
-"""Shared test helpers: a tiny config, a once-per-session prepared digits folder,
-and subprocess runners (every subprocess is bounded by a timeout, never uses the network)."""
+"""Shared test helpers: a tiny config and a tiny trained model, a once-per-session prepared
+digits folder, `rel_err`, and subprocess runners (every subprocess is bounded by a timeout,
+never uses the network)."""
 import atexit
 import json
 import os
@@ -9,7 +10,10 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(REPO, 'configs', 'digits.py')
 
 _DATA_DIR = {}
 
@@ -49,13 +53,21 @@ def enable_compile_cache():
 enable_compile_cache()
 
 
-def tiny_config(data_dir='', **overrides):
-  """configs/digits.py shrunk so the whole UNet compiles in seconds on 2 CPU cores.
-
-  `overrides`: {'train.num_steps': 10, ...} (dotted keys, values already typed)."""
+def digits_config(data_dir='', **overrides):
+  """configs/digits.py at full size (its data_dir set), then `overrides`:
+  {'train.num_steps': 10, ...} (dotted keys, values already typed)."""
   from configs import digits  # pylint: disable=import-outside-toplevel
+  from ddm_jax.config import apply_overrides  # pylint: disable=import-outside-toplevel
   c = digits.get_config()
-  c.data.data_dir = data_dir
+  c.data.data_dir = data_dir  # set directly: apply_overrides would parse a str as a literal
+  return apply_overrides(c, overrides)
+
+
+def tiny_config(data_dir='', **overrides):
+  """configs/digits.py shrunk so the whole UNet compiles in seconds on 2 CPU cores, then
+  `overrides` as in digits_config."""
+  from ddm_jax.config import apply_overrides  # pylint: disable=import-outside-toplevel
+  c = digits_config(data_dir)
   c.data.resolution = 8
   c.model.sample_size = 8
   # One level (no resampling): each XLA compile of the train step is ~30% cheaper than
@@ -79,13 +91,7 @@ def tiny_config(data_dir='', **overrides):
   c.train.num_sample_images = 8
   c.train.ema_decay = 0.9
   c.sample.steps = 4
-  for dotted, value in overrides.items():
-    node, *path = c, *dotted.split('.')
-    for part in path[:-1]:
-      node = node[part]
-    assert path[-1] in node, dotted
-    node[path[-1]] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def config_overrides(config, keys):
@@ -106,6 +112,41 @@ TINY_KEYS = ('data.data_dir', 'data.resolution', 'model.sample_size', 'model.blo
              'optim.schedule', 'train.batch_size', 'train.num_steps', 'train.log_every',
              'train.checkpoint_every', 'train.keep_checkpoints', 'train.sample_every',
              'train.num_sample_images', 'train.ema_decay', 'sample.steps')
+
+
+def train_argv(data_dir, workdir, *extra, config_file=DIGITS, **overrides):
+  """train.py arguments: `config_file` + the `--config.*` overrides that make it
+  tiny_config(data_dir, **overrides), then the raw arguments `extra`."""
+  config = tiny_config(data_dir, **overrides)
+  keys = tuple(TINY_KEYS) + tuple(k for k in overrides if k not in TINY_KEYS)
+  return (['--config', config_file, '--workdir', str(workdir), '--no_progress']
+          + config_overrides(config, keys) + list(extra))
+
+
+def train_tiny(workdir, data_dir, *, full_size=False, cli=False, **overrides):
+  """Trains a tiny digits model into `workdir` and returns `workdir`, for module fixtures.
+
+  tiny_config(data_dir, **overrides), or digits_config with `full_size`; `cli` runs it
+  through `python train.py` (tiny_config only) instead of training.loop.train in-process."""
+  if cli:
+    assert not full_size, 'train.py gets its config through train_argv, i.e. tiny_config'
+    proc = run_python(['train.py'] + train_argv(data_dir, workdir, **overrides), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert 'workdir:' in proc.stdout
+    return workdir
+  from ddm_jax.training.loop import train  # pylint: disable=import-outside-toplevel
+  config = (digits_config if full_size else tiny_config)(data_dir, **overrides)
+  train(config, str(workdir), progress=False)
+  return workdir
+
+
+def rel_err(ours, ref, check_shape=True, floor=0.0):
+  """max |ours - ref| / max(max |ref|, floor), in float64. `floor` > 0 keeps an all-zero
+  `ref` finite; `check_shape` refuses a comparison that only works by broadcasting."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  if check_shape:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), floor))
 
 
 def shared_data_dir(base=None):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddm_jax.config import apply_overrides, load_config_file
-from ddm_jax.interop.testing import write_tiny_pipeline
 from ddm_jax.ddm import load_latent_ddm
+from tests.sd_folder import write_tiny_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 16  # the tiny VAE downsamples by 2: 8x8x4 latents

@@ -30,9 +30,9 @@ from ddm_jax.data import builders
 from ddm_jax.data import skipped_images
 from ddm_jax.errors import ConfigError, DataError, WeightsError
 from ddm_jax.interop import diffusers as interop
-from ddm_jax.interop.testing import write_tiny_pipeline
 from ddm_jax import parallel
 from tests.helpers import REPO, assert_one_line_error, run_python
+from tests.sd_folder import write_tiny_pipeline
 
 DIGITS = os.path.join(REPO, 'configs', 'digits.py')
 SD = os.path.join(REPO, 'configs', 'sd15_lora.py')

@@ -7,7 +7,6 @@ what train.py / sample.py run, to keep the suite fast.
 import json
 import os
 import signal
-import socket
 
 import numpy as np
 from PIL import Image
@@ -15,22 +14,10 @@ import pytest
 
 from ddm_jax.cli.sample import main as sample_main
 from ddm_jax.cli.train import main as train_main
-from tests.helpers import (REPO, TINY_KEYS, assert_one_line_error, config_overrides, read_jsonl,
-                           run_python, shared_data_dir, tiny_config)
+from tests.helpers import (REPO, assert_one_line_error, read_jsonl, run_python, tiny_config,
+                           train_argv, train_tiny)
 
-DIGITS = os.path.join(REPO, 'configs', 'digits.py')
 TRAIN_STEPS = 4
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return shared_data_dir(tmp_path_factory.getbasetemp())
-
-
-def train_argv(data_dir, workdir, *extra, config_file=DIGITS):
-  """configs/digits.py + the overrides that make it tiny_config(data_dir), then `extra`."""
-  return (['--config', config_file, '--workdir', str(workdir), '--no_progress']
-          + config_overrides(tiny_config(data_dir), TINY_KEYS) + list(extra))
 
 
 @pytest.fixture(autouse=True)
@@ -41,24 +28,11 @@ def keep_sigterm_handler():
   signal.signal(signal.SIGTERM, old)
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-  def refuse(*args, **kwargs):
-    raise AssertionError(f'network access attempted: {args[1:]!r}')
-  monkeypatch.setattr(socket.socket, 'connect', refuse)
-  monkeypatch.setattr(socket, 'getaddrinfo', refuse)
-
-
 @pytest.fixture(scope='module')
 def trained(data_dir, tmp_path_factory):
   """A workdir trained by `python train.py` for TRAIN_STEPS steps."""
-  workdir = tmp_path_factory.mktemp('cli_run')
-  proc = run_python(['train.py'] + train_argv(data_dir, workdir,
-                                              f'--config.train.num_steps={TRAIN_STEPS}'),
-                    timeout=400)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  assert 'workdir:' in proc.stdout
-  return workdir
+  return train_tiny(tmp_path_factory.mktemp('cli_run'), data_dir, cli=True,
+                    **{'train.num_steps': TRAIN_STEPS})
 
 
 def _checkpoints(workdir):

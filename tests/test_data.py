@@ -3,7 +3,6 @@ import collections
 import json
 import os
 import pickle
-import socket
 import tempfile
 import time
 
@@ -20,13 +19,7 @@ from ddm_jax.data import builders, preprocessing, subsample
 from ddm_jax.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-  """Any attempt to reach the network fails the test instead of hanging in retries."""
-  def refuse(*args, **kwargs):
-    raise AssertionError(f'network access attempted: {args[1:]!r}')
-  monkeypatch.setattr(socket.socket, 'connect', refuse)
-  monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+pytestmark = pytest.mark.usefixtures('no_network')  # every test here runs offline
 
 
 def data_cfg(**overrides):

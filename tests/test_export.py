@@ -19,15 +19,10 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from ddm_jax.interop import export  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 from tests.sd_helpers import REPO, tiny_ddm, write_workdir  # noqa: E402
 
 TOL = 1e-4
-
-
-def rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope='module')

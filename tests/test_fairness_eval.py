@@ -102,20 +102,12 @@ def test_true_group_cfg_drops_pseudo_labels(roots):
 @pytest.fixture(scope='module')
 def tiny_conditional(roots):
   """A tiny group-conditioned DDM (num_class_embeds = 2), briefly trained."""
-  from ddm_jax.training.loop import train
-  c = _config(roots)
-  c.model.block_out_channels = (16, 32)
-  c.model.num_class_embeds = 2
-  c.indicator.hidden = (32,)
-  c.train.num_steps = 60
-  c.train.batch_size = 32
-  c.train.checkpoint_every = 60
-  c.train.sample_every = 0
-  c.train.log_every = 30
-  c.optim.warmup_steps = 5
-  workdir = str(roots['root'] / 'cond_run')
-  train(c, workdir, progress=False)
-  return workdir
+  from tests.helpers import train_tiny
+  return train_tiny(str(roots['root'] / 'cond_run'), roots['data'], full_size=True, **{
+      'model.block_out_channels': (16, 32), 'model.num_class_embeds': 2,
+      'indicator.hidden': (32,), 'train.num_steps': 60, 'train.batch_size': 32,
+      'train.checkpoint_every': 60, 'train.sample_every': 0, 'train.log_every': 30,
+      'optim.warmup_steps': 5})
 
 
 def test_evaluate_cli_end_to_end(tiny_conditional, roots, capsys):

@@ -26,19 +26,13 @@ import pytest
 
 from ddm_jax.errors import CheckpointError
 from ddm_jax.training.checkpoint import Checkpointer, _one_line, abstract_like
-from tests.helpers import (REPO, TINY_KEYS, config_overrides, read_jsonl, shared_data_dir,
-                           subprocess_env, tiny_config)
+from tests.helpers import REPO, read_jsonl, subprocess_env, train_argv
 
 N, EVERY = 30, 3          # steps of every run here, checkpoint interval of the reference
 RUN_TIMEOUT = 600         # seconds; generous bound for one train.py on a loaded 2-core machine
 
 
 # ----------------------------------------------------------------------------- harness
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return shared_data_dir(tmp_path_factory.getbasetemp())
-
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
@@ -54,10 +48,7 @@ def argv(data_dir, workdir, **extra):
   """train.py arguments for tiny_config with N steps (and `extra` dotted overrides)."""
   settings = {'train.num_steps': N, 'train.checkpoint_every': EVERY,
               'train.keep_checkpoints': 3, 'train.log_every': 1, **extra}
-  config = tiny_config(data_dir, **settings)
-  keys = tuple(TINY_KEYS) + tuple(k for k in settings if k not in TINY_KEYS)
-  return (['train.py', '--config=configs/digits.py', f'--workdir={workdir}', '--no_progress']
-          + config_overrides(config, keys))
+  return ['train.py'] + train_argv(data_dir, workdir, **settings)
 
 
 class Run:

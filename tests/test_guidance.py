@@ -175,24 +175,13 @@ def test_every_sampler_follows_the_assigned_group(sampler, steps):
 @pytest.fixture(scope='module')
 def tiny_trained(tmp_path_factory):
   """A tiny pixel DDM trained briefly on digits at 4:1 (group 0 : group 1)."""
-  from configs import digits
-  from ddm_jax.training.loop import train
+  from tests.helpers import train_tiny
   root = tmp_path_factory.mktemp('guidance')
-  c = digits.get_config()
-  c.data.data_dir = str(root / 'data')
-  c.data.proportions = (0.8, 0.2)
-  c.model.block_out_channels = (16, 32)
-  c.model.norm_num_groups = 8
-  c.indicator.hidden = (64,)
-  c.train.num_steps = 200
-  c.train.batch_size = 32
-  c.train.checkpoint_every = 200
-  c.train.sample_every = 0
-  c.train.log_every = 100
-  c.optim.warmup_steps = 20
-  c.loss.w_rec, c.loss.w_ind = 0.9, 0.1
-  workdir = str(root / 'run')
-  train(c, workdir, progress=False)
+  workdir = train_tiny(str(root / 'run'), str(root / 'data'), full_size=True, **{
+      'data.proportions': (0.8, 0.2), 'model.block_out_channels': (16, 32),
+      'model.norm_num_groups': 8, 'indicator.hidden': (64,), 'train.num_steps': 200,
+      'train.batch_size': 32, 'train.checkpoint_every': 200, 'train.sample_every': 0,
+      'train.log_every': 100, 'optim.warmup_steps': 20, 'loss.w_rec': 0.9, 'loss.w_ind': 0.1})
   return workdir, root
 
 

@@ -1,6 +1,6 @@
 """Loading diffusers folders without PyTorch: layouts (single file, shards, variants,
 legacy key names) and the errors for bad weights. Needs no torch: checkpoints are
-written from our own params by ddm_jax.interop.testing."""
+written from our own params by tests/sd_folder.py."""
 import json
 import os
 import shutil
@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from ddm_jax.errors import WeightsError
 from ddm_jax.interop import diffusers as interop
-from ddm_jax.interop.testing import write_tiny_pipeline
+from tests.sd_folder import write_tiny_pipeline
 
 TEXT = 'text_encoder/model.safetensors'
 VAE = 'vae/diffusion_pytorch_model.safetensors'

@@ -1,7 +1,7 @@
 """Functional LoRA on the latent (Stable Diffusion) DDM: a fresh adapter is exactly the
 base model, merging equals the unmerged branch, training moves only LoRA/indicator
 params, rematerialisation changes nothing numerically, bf16 compute keeps float32 params.
-No torch: the tiny diffusers folder is written by ddm_jax.interop.testing."""
+No torch: the tiny diffusers folder is written by tests/sd_folder.py."""
 import copy
 
 import jax

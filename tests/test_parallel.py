@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, free_port, shared_data_dir, subprocess_env, tiny_config
+from tests.helpers import REPO, free_port, subprocess_env, tiny_config
 
 WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
 TIMEOUT = 420
@@ -39,9 +39,8 @@ def _wait(ps):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(data_dir, tmp_path_factory):
   """{'one': ..., 'eight': ..., 'two_hosts': ...}: (returncode(s), output, npz path, infos)."""
-  data_dir = shared_data_dir(tmp_path_factory.getbasetemp())
   base = tmp_path_factory.mktemp('parallel')
   port = free_port()
   procs = {

@@ -12,17 +12,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ddm_jax.interop import diffusers as interop  # noqa: E402
-from ddm_jax.interop.testing import SD_SCHEDULER, write_clip_vocab  # noqa: E402
 from ddm_jax.models.tokenizer import CLIPTokenizer  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+from tests.sd_folder import SD_SCHEDULER, write_clip_vocab  # noqa: E402
 
 TOL = 1e-4
-
-
-def rel_err(ours, ref):
-  """max |ours - ref| / max |ref|."""
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def nhwc(t):

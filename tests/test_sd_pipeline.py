@@ -15,20 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from ddm_jax.diffusion import samplers
-from ddm_jax.interop.testing import SD_SCHEDULER
 from ddm_jax.diffusion.schedules import schedule_from_scheduler_config
 from ddm_jax.generation.generator import make_generator
 from ddm_jax.generation.prompts import CFGModel, inference_params, prompt_batch, split_prompts
 from ddm_jax.parallel import make_mesh
+from tests.helpers import rel_err
+from tests.sd_folder import SD_SCHEDULER
 from tests.sd_helpers import REPO, RESOLUTION, tiny_ddm, write_workdir
 
 TOL = 1e-4
-
-
-def rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 # ------------------------------------------------------------------ host-side pieces

@@ -7,12 +7,7 @@ import numpy as np
 import pytest
 
 from ddm_jax.training.loop import train
-from tests.helpers import read_jsonl, shared_data_dir, tiny_config
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return shared_data_dir(tmp_path_factory.getbasetemp())
+from tests.helpers import read_jsonl, tiny_config
 
 
 def _np(tree):

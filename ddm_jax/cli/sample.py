@@ -46,8 +46,6 @@ def parse_args(argv):
   sd_args.add_argument('--cfg_scale', type=float, default=DEFAULT_CFG_SCALE,
                        help='classifier-free guidance scale (<= 1: no guidance)')
   args = p.parse_args(argv)
-  if args.num_samples <= 0:
-    raise DDMError(f'--num_samples must be positive, got {args.num_samples}')
   if args.target is not None and args.guidance != 'indicator':
     raise DDMError('--target needs --guidance=indicator')
   return args
@@ -63,7 +61,7 @@ def main(argv):
                       eta=args.eta, target=args.target, class_label=args.class_label,
                       guidance=args.guidance, guidance_scale=args.guidance_scale,
                       prompts=split_prompts(args.prompt), negative_prompt=args.negative_prompt,
-                      cfg_scale=args.cfg_scale)
+                      cfg_scale=args.cfg_scale, arg_prefix='--')
   gen = plan_generator(ddm, trained.mesh, plan, args.grad_clip, args.guidance_path)
   params, frozen = sampling_params(ddm, trained.params, trained.frozen)
   imgs = run_plan(gen, plan, params, frozen)

@@ -32,6 +32,3 @@ class PixelDDM(DDM):
 
   def model_fn(self, params, frozen, x_t, t, class_labels=None, context=None):
     return self.unet.apply({'params': params['unet']}, x_t, t, context, class_labels)
-
-  def indicator_fn(self, params, eps_pred):
-    return self.indicator.apply({'params': params['indicator']}, eps_pred)

@@ -3,7 +3,7 @@
 A DDM wires a denoising network, the indicator and a noise schedule. The train step
 (`training/step.py`), the samplers (`generation/`) and the evaluation only call what is
 declared here, so a new model kind (pixel, latent Stable Diffusion, the benchmarks'
-preset models, test doubles) subclasses `DDM` and fills in the three abstract methods;
+preset models, test doubles) subclasses `DDM` and fills in the two abstract methods;
 the defaults are those of a pixel-space model without conditioning.
 
 Attributes every DDM sets: `sched` (diffusion.schedules.Schedule), `sample_shape` (one
@@ -38,9 +38,9 @@ class DDM(abc.ABC):
   def model_fn(self, params, frozen, x_t, t, **cond):
     """The network output (predicted noise, or v) at x_t, t."""
 
-  @abc.abstractmethod
   def indicator_fn(self, params, eps_pred):
-    """Group logits [B, K] from the predicted noise."""
+    """Group logits [B, K] from the predicted noise (`self.indicator` on params['indicator'])."""
+    return self.indicator.apply({'params': params['indicator']}, eps_pred)
 
   def sample_cond(self, params, frozen, batch_size, **per_sample):
     """Conditioning for a batch of samples (none here; the prompt's embedding for SD)."""

@@ -42,7 +42,7 @@ class EvalSettings:
   guidance: str = 'none'                  # 'none' | 'indicator'
   guidance_scale: float = 0.0
   grad_clip: Optional[float] = None
-  guidance_path: str = 'unet'             # 'unet' | 'x0' (ddm_jax.guidance.make_indicator_guidance)
+  guidance_path: str = 'unet'             # 'unet' | 'x0' (generation.guidance.make_indicator_guidance)
   use_ema: bool = True
 
   def validate(self):

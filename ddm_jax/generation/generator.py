@@ -15,7 +15,7 @@ def make_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, guidance=None, 
   `guidance(params, frozen, denoise, cond) -> denoise` may wrap the denoiser (classifier-free
   or indicator guidance); every sampler then uses it unchanged. `cond` holds the UNet's
   conditioning and, when given, `cond['guide']`: a pytree of per-sample arrays [B, ...] that
-  reach the guidance as traced, batch-sharded inputs (e.g. ddm_jax.guidance's target group
+  reach the guidance as traced, batch-sharded inputs (e.g. generation.guidance's target group
   and scale per sample, so changing them never recompiles).
 
   `cond` (optional) is a pytree of per-sample arrays [B, ...] handed, batch-sharded, to
@@ -29,14 +29,14 @@ def make_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, guidance=None, 
   if sampler == 'ddim':
     kw['eta'] = eta
 
-  def run(params, frozen, x, key, class_labels, guide, extra):
-    cond = ddm.sample_cond(params, frozen, x.shape[0], **(extra or {}))
+  def run(params, frozen, x, key, class_labels, guide, per_sample):
+    cond = ddm.sample_cond(params, frozen, x.shape[0], **(per_sample or {}))
     if class_labels is not None:
       cond['class_labels'] = class_labels
     denoise = make_denoiser(lambda x_t, t: ddm.model_fn(params, frozen, x_t, t, **cond), ddm.sched)
     if guidance is not None:
-      gcond = cond if guide is None else {**cond, 'guide': guide}
-      denoise = guidance(params, frozen, denoise, gcond)
+      denoise = guidance(params, frozen, denoise,
+                         cond if guide is None else {**cond, 'guide': guide})
     return ddm.decode(frozen, SAMPLERS[sampler](denoise, ddm.sched, x, key, **kw))
 
   run_jit = jax.jit(run, in_shardings=(repl, repl, data, repl, data, data, data),

@@ -57,32 +57,33 @@ class SamplingPlan:
     return {**out, **(self.prompt_info or {})}
 
 
-def resolve_sampler(ddm, config, sampler=None, steps=None, eta=None):
-  """(sampler, steps, eta) with the run's `config.sample` as defaults, checked."""
+def resolve_sampler(ddm, config, sampler=None, steps=None, eta=None, arg_prefix=''):
+  """(sampler, steps, eta) with the run's `config.sample` as defaults, checked; errors name
+  the argument as the caller spells it (`arg_prefix='--'` for the command lines)."""
   sampler = sampler or config.sample.sampler
   steps = config.sample.steps if steps is None else int(steps)
   eta = config.sample.eta if eta is None else float(eta)
   if sampler not in SAMPLERS:
-    raise ConfigError(f'sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}')
+    raise ConfigError(f'{arg_prefix}sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}')
   num_train = ddm.sched.num_train_timesteps
   if not 0 < steps <= num_train:
-    raise ConfigError(f'steps must be in [1, {num_train}], got {steps}')
+    raise ConfigError(f'{arg_prefix}steps must be in [1, {num_train}], got {steps}')
   return sampler, steps, float(eta)
 
 
 def plan_samples(ddm, config, num_samples, *, seed=0, batch_size=256, sampler=None, steps=None,
                  eta=None, target=None, class_label=None, guidance='none', guidance_scale=0.0,
-                 prompts=None, negative_prompt=None, cfg_scale=DEFAULT_CFG_SCALE):
+                 prompts=None, negative_prompt=None, cfg_scale=DEFAULT_CFG_SCALE, arg_prefix=''):
   """`num_samples` images (per prompt, for Stable Diffusion: `prompts` default to the
   training prompt). Each sample's group is drawn stratified toward `target` (default
   uniform) per batch, with `seed + 1`: the same assignment conditions a group-conditioned
   UNet (unless `class_label` fixes one group) and steers indicator guidance."""
   if num_samples <= 0:
-    raise ConfigError(f'num_samples must be positive, got {num_samples}')
+    raise ConfigError(f'{arg_prefix}num_samples must be positive, got {num_samples}')
   if guidance not in GUIDANCES:
     raise ConfigError(f'guidance must be one of {GUIDANCES}, got {guidance!r}')
   k = int(config.data.num_groups)
-  sampler, steps, eta = resolve_sampler(ddm, config, sampler, steps, eta)
+  sampler, steps, eta = resolve_sampler(ddm, config, sampler, steps, eta, arg_prefix)
   plan_kw = {}
   if ddm.latent:
     prompts = list(prompts or [ddm.prompt])
@@ -109,7 +110,7 @@ def plan_samples(ddm, config, num_samples, *, seed=0, batch_size=256, sampler=No
     if class_label is None:
       plan_kw['class_labels'] = groups
     elif not 0 <= class_label < k:
-      raise ConfigError(f'class_label must be in [0, {k}), got {class_label}')
+      raise ConfigError(f'{arg_prefix}class_label must be in [0, {k}), got {class_label}')
     else:
       plan_kw['class_labels'] = np.full(num_samples, class_label, np.int32)
   elif class_label is not None:

@@ -1,5 +1,5 @@
 """Tiny Stable Diffusion folders in diffusers layout, written without PyTorch, for tests
-(ours and anyone's that needs a pipeline to load: samplers, CLIs)."""
+that need a pipeline to load (interop, LoRA, samplers, CLIs)."""
 import json
 import os
 from typing import Sequence
@@ -9,6 +9,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from ddm_jax.files import write_json
 from ddm_jax.interop.diffusers import expected_params, params_to_state_dict
 from ddm_jax.models.text_encoder import text_encoder_from_config
 from ddm_jax.models.unet import unet_from_config
@@ -66,7 +67,7 @@ def write_clip_vocab(folder: str, words: Sequence[str] = WORDS, pad_token: str =
     json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
   with open(os.path.join(folder, 'merges.txt'), 'w', encoding='utf-8') as f:
     f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
-  _write_json(os.path.join(folder, 'tokenizer_config.json'), dict(
+  write_json(os.path.join(folder, 'tokenizer_config.json'), dict(
       model_max_length=model_max_length, bos_token='<|startoftext|>', eos_token='<|endoftext|>',
       unk_token='<|endoftext|>', pad_token=pad_token, tokenizer_class='CLIPTokenizer'))
   return len(vocab)
@@ -90,15 +91,10 @@ def random_params(module, seed, *inputs):
   return traverse_util.unflatten_dict(out)
 
 
-def _write_json(path, obj):
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2)
-
-
 def write_model(folder: str, config: dict, params, weights_name: str):
   """config.json + one safetensors file of `params` in PyTorch layout."""
   os.makedirs(folder, exist_ok=True)
-  _write_json(os.path.join(folder, 'config.json'), config)
+  write_json(os.path.join(folder, 'config.json'), config)
   save_file(params_to_state_dict(params), os.path.join(folder, weights_name))
 
 
@@ -125,8 +121,8 @@ def write_tiny_pipeline(folder: str, seed: int = 0, unet=None, vae=None, text=No
               {'architectures': ['CLIPTextModel'], 'model_type': 'clip_text_model', **text_cfg},
               t_params, 'model.safetensors')
   os.makedirs(os.path.join(folder, 'scheduler'), exist_ok=True)
-  _write_json(os.path.join(folder, 'scheduler', 'scheduler_config.json'), SD_SCHEDULER)
-  _write_json(os.path.join(folder, 'model_index.json'), {
+  write_json(os.path.join(folder, 'scheduler', 'scheduler_config.json'), SD_SCHEDULER)
+  write_json(os.path.join(folder, 'model_index.json'), {
       '_class_name': 'StableDiffusionPipeline', 'unet': ['diffusers', 'UNet2DConditionModel'],
       'vae': ['diffusers', 'AutoencoderKL'], 'text_encoder': ['transformers', 'CLIPTextModel'],
       'tokenizer': ['transformers', 'CLIPTokenizer'], 'scheduler': ['diffusers', 'PNDMScheduler'],
