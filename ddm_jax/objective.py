@@ -1,14 +1,26 @@
-"""The DDM objective: w_rec * MSE(eps_pred, target) + w_ind * CE(indicator(eps_pred), group).
+"""The DDM objective: w_rec * MSE(out, target) + w_ind * CE(indicator(eps_pred), group).
 
-The indicator reads the network's raw output (the predicted noise for epsilon
-prediction), and the cross-entropy's gradient flows through it into the UNet:
-no stop-gradient, no gradient reversal, as in the reference implementation.
+The indicator reads the predicted noise: the network's output itself for epsilon
+prediction (as the reference implementation does), its noise estimate for
+v-prediction (`predicted_noise`), so the method and guidance mean the same input
+whatever the parametrisation. The cross-entropy's gradient flows through it into the
+UNet: no stop-gradient, no gradient reversal, as in the reference implementation.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
-from ddm_jax.diffusion.schedules import add_noise, training_target
+from ddm_jax.diffusion.schedules import add_noise, to_x0_eps, training_target
+
+
+def predicted_noise(sched, out, x_t, t):
+  """The noise estimate in the network output `out` at (x_t, t): `out` itself for
+  epsilon prediction (no arithmetic, so it is bit for bit the reference's input), and
+  eps = sqrt(1 - abar) x_t + sqrt(abar) v for v-prediction. Training, guidance and the
+  evaluation's indicator figures all feed the indicator through this."""
+  if sched.prediction_type == 'epsilon':
+    return out
+  return to_x0_eps(sched, out, x_t, t)[1]
 
 
 def ddm_loss(model_fn, indicator_fn, params, x0, labels, rng, sched, w_rec, w_ind):
@@ -21,9 +33,9 @@ def ddm_loss(model_fn, indicator_fn, params, x0, labels, rng, sched, w_rec, w_in
   t = jax.random.randint(k_t, (x0.shape[0],), 0, sched.num_train_timesteps)
   noise = jax.random.normal(k_n, x0.shape, jnp.float32)
   x_t = add_noise(sched, x0, noise, t)
-  eps_pred = model_fn(params, x_t, t)
-  loss_rec = jnp.mean((eps_pred - training_target(sched, x0, noise, t)) ** 2)
-  logits = indicator_fn(params, eps_pred)
+  out = model_fn(params, x_t, t)
+  loss_rec = jnp.mean((out - training_target(sched, x0, noise, t)) ** 2)
+  logits = indicator_fn(params, predicted_noise(sched, out, x_t, t))
   loss_ind = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   loss = w_rec * loss_rec + w_ind * loss_ind
   acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))

@@ -61,7 +61,9 @@ def test_loss_equals_hand_computation(toy, prediction_type, w_rec, w_ind):
   out = 0.7 * x_t + np.asarray(params['unet']['b'], np.float64) * (t[:, None, None, None] / 1000.0)
   target = noise if prediction_type == 'epsilon' else np.sqrt(ac) * noise - np.sqrt(1 - ac) * x0n
   mse = np.mean((out - target) ** 2)
-  logits = out.reshape(B, -1) @ np.asarray(params['indicator']['W'], np.float64)
+  # the indicator reads the predicted noise: the output itself, or s x_t + a v for v-prediction
+  eps = out if prediction_type == 'epsilon' else np.sqrt(1 - ac) * x_t + np.sqrt(ac) * out
+  logits = eps.reshape(B, -1) @ np.asarray(params['indicator']['W'], np.float64)
   ce = -np.mean(_log_softmax(logits)[np.arange(B), np.asarray(labels)])
   np.testing.assert_allclose(float(m['loss_rec']), mse, rtol=1e-5)
   np.testing.assert_allclose(float(m['loss_ind']), ce, rtol=1e-5)

@@ -25,6 +25,8 @@ from ddm_jax.diffusion.samplers import SAMPLERS
 from ddm_jax.diffusion.schedules import alpha_sigma, to_x0_eps
 from ddm_jax.errors import ConfigError
 from ddm_jax.generation.generator import make_generator
+from ddm_jax.generation.prompts import cfg_blend, cfg_parts, per_sample
+from ddm_jax.objective import predicted_noise
 
 GUIDE_KEY = 'guide'  # make_generator hands the per-sample guide pytree to the hook under this key
 
@@ -117,14 +119,22 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
   gradient, a guard against rare huge gradients. A sample with scale 0 gets
   exactly the unguided update.
 
+  The indicator reads what it was trained on (``objective.predicted_noise``): the
+  noise estimate of the *conditional* prediction. With classifier-free guidance
+  (``generation.prompts.CFGModel``) the gradient is taken through the prompt's
+  prediction alone, the unconditional one runs without a VJP, and CFG then blends
+  the guided conditional prediction: ``uncond + w (cond - S s grad - uncond)``, so
+  the guidance term is scaled by the CFG scale ``w`` as the prompt's is (the
+  sampled density is ``p(x)^(1-w) [p(x|c) p(y|x_t)^S]^w``).
+
   ``path`` picks which dependence of the indicator's input on ``x_t`` the
-  gradient follows. The network output is ``eps_hat = (x_t - a x0_hat(x_t)) / s``
-  (epsilon prediction): it depends on ``x_t`` directly (the ``x_t / s`` term)
-  and through the denoised estimate ``x0_hat``. ``'unet'`` (the default, the
-  plain gradient of the composite classifier) follows both; ``'x0'`` stops the
-  direct term, so the gradient moves ``x_t`` only as far as that changes what
-  the UNet thinks the clean image is. The value the indicator reads is the
-  same in both; only the gradient differs.
+  gradient follows. The noise estimate is ``eps_hat = (x_t - a x0_hat(x_t)) / s``:
+  it depends on ``x_t`` directly (the ``x_t / s`` term) and through the denoised
+  estimate ``x0_hat``. ``'unet'`` (the default, the plain gradient of the
+  composite classifier) follows both; ``'x0'`` stops the direct term, so the
+  gradient moves ``x_t`` only as far as that changes what the UNet thinks the
+  clean image is. The value the indicator reads is the same in both; only the
+  gradient differs.
 
   ``clip_x0``: clip the *unguided* x0 estimate to ``[-clip_x0, clip_x0]``
   before the guidance term is added, and run the sampler itself without
@@ -147,22 +157,20 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
       raise ConfigError('indicator guidance needs a target group and scale per sample '
                         '(generate(..., guide=make_guide(labels, scale)))')
     labels = guide['labels']
-    model_cond = {k: v for k, v in cond.items() if k != GUIDE_KEY}
+    net, cond_kw, uncond_kw, cfg_scale = cfg_parts(
+        ddm, {k: v for k, v in cond.items() if k != GUIDE_KEY})
     sched = ddm.sched
 
     def guided(x, t):
       tb = jnp.full((x.shape[0],), t, jnp.int32)
 
       def log_prob(x_in):
-        out = ddm.model_fn(params, frozen, x_in, tb, **model_cond)
-        # The indicator was trained on the network's raw output (the predicted
-        # noise for epsilon prediction), so it reads exactly that here.
-        ind_in = out
-        if path == 'x0':  # same value; the direct d out / d x_t = c I term removed
-          a, s = alpha_sigma(sched, tb, x_in)
-          c = 1.0 / s if sched.prediction_type == 'epsilon' else a / s
-          ind_in = out - c * (x_in - jax.lax.stop_gradient(x_in))
-        logp = jax.nn.log_softmax(ddm.indicator_fn(params, ind_in).astype(jnp.float32), axis=-1)
+        out = net.model_fn(params, frozen, x_in, tb, **cond_kw)
+        eps = predicted_noise(sched, out, x_in, tb)
+        if path == 'x0':  # same value; the direct d eps / d x_t = I / s term removed
+          _, s = alpha_sigma(sched, tb, x_in)
+          eps = eps - (x_in - jax.lax.stop_gradient(x_in)) / s
+        logp = jax.nn.log_softmax(ddm.indicator_fn(params, eps).astype(jnp.float32), axis=-1)
         picked = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
         return picked.sum(), out  # samples are independent: grad of the sum = per-sample grads
 
@@ -170,11 +178,16 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
       if grad_clip:
         norm = jnp.sqrt(jnp.sum(grad ** 2, axis=tuple(range(1, grad.ndim)), keepdims=True))
         grad = grad * jnp.minimum(1.0, grad_clip / jnp.maximum(norm, 1e-12))
+      scale = per_sample(guide['scale'], x)
+      if uncond_kw is not None:
+        # CFG of the guided conditional prediction: the unguided blend, plus w times the
+        # guidance term (the blend is affine, so blending outputs or (x0, eps) is the same).
+        out = cfg_blend(net.model_fn(params, frozen, x, tb, **uncond_kw), out, cfg_scale)
+        scale = scale * per_sample(cfg_scale, x)
       x0, eps = to_x0_eps(sched, out, x, tb)
       if clip_x0:
         x0 = jnp.clip(x0, -clip_x0, clip_x0)
       a, s = alpha_sigma(sched, tb, x)
-      scale = guide['scale'].reshape((-1,) + (1,) * (x.ndim - 1))
       # eps' = eps - S s grad and the matching x0' = x0 + S s^2 / a grad: the deltas keep
       # x_t = a x0 + s eps, and S = 0 returns exactly what the unguided sampler uses.
       return x0 + scale * (s * s / a) * grad, eps - scale * s * grad

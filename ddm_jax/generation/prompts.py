@@ -6,8 +6,8 @@ encodes per-sample prompt tokens (and negative-prompt tokens), its `model_fn` ru
 UNet once on the batch-doubled input `[x; x]` with contexts `[negative; prompt]` and
 returns `uncond + s * (cond - uncond)`, as diffusers' `StableDiffusionPipeline` does
 (guidance_rescale=0; guidance only when the scale is > 1). Samplers, the sharding and
-other guidance hooks (generation.guidance's indicator guidance reads `ddm.model_fn`, so
-it steers the guided prediction) see an ordinary model.
+other guidance hooks see an ordinary model; indicator guidance (generation.guidance) takes
+the conditional prediction apart with `cfg_parts`, since its indicator was trained on that.
 
     params, frozen = inference_params(ddm, params, frozen)       # LoRA merged
     gen = make_generator(CFGModel(ddm), mesh, 'pndm', 40, **ddm.sampler_kwargs('pndm'))
@@ -60,8 +60,32 @@ class CFGModel:
     out = self.ddm.model_fn(params, frozen, both(x_t, x_t), both(t, t),
                             context=both(uncond_context, context), **kwargs)
     uncond, cond = jnp.split(out, 2, axis=0)
-    scale = jnp.asarray(cfg_scale, out.dtype).reshape((-1,) + (1,) * (out.ndim - 1))
-    return uncond + scale * (cond - uncond)
+    return cfg_blend(uncond, cond, cfg_scale)
+
+
+def cfg_blend(uncond, cond, cfg_scale):
+  """Classifier-free guidance: `uncond + s * (cond - uncond)` with one scale per sample."""
+  scale = per_sample(jnp.asarray(cfg_scale, cond.dtype), cond)
+  return uncond + scale * (cond - uncond)
+
+
+def per_sample(values, like):
+  """[B] -> [B, 1, ...] broadcastable against `like` ([B, ...])."""
+  return values.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def cfg_parts(model, cond):
+  """`(network, conditional kwargs, unconditional kwargs or None, CFG scale [B] or None)`
+  of `model.model_fn(..., **cond)`: for guidance that must read the prompt's own
+  prediction (the one the indicator was trained on) before the CFG blend. A model
+  without classifier-free guidance is its own network with `cond` unchanged."""
+  if not isinstance(model, CFGModel):
+    return model, cond, None, None
+  cond = dict(cond)
+  uncond, scale = cond.pop('uncond_context', None), cond.pop('cfg_scale', None)
+  if uncond is None:
+    return model.ddm, cond, None, None
+  return model.ddm, cond, {**cond, 'context': uncond}, scale
 
 
 def inference_params(ddm, params, frozen):
