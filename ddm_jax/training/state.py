@@ -34,6 +34,19 @@ def create_train_state(params, tx, ema_decay):
 
 def ema_update(ema, params, decay, step):
   """EMA with the usual warm-up min(decay, (1 + step) / (10 + step)), so a short
-  run's EMA is not dominated by the random initialisation."""
+  run's EMA is not dominated by the random initialisation; `step` counts the
+  optimizer updates before this one."""
   d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
   return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def ema_after_update(tx, opt_state, ema, params, decay, step):
+  """`ema` after the micro-step that left `opt_state`: under gradient accumulation
+  (`optax.MultiSteps`) the params change once every k micro-steps, and so does the
+  EMA, with its warm-up counting those updates; otherwise once per `step`. Updating
+  it on every micro-step would make its decay per real update decay^k."""
+  if not isinstance(tx, optax.MultiSteps):
+    return ema_update(ema, params, decay, step)
+  return jax.lax.cond(tx.has_updated(opt_state),
+                      lambda e: ema_update(e, params, decay, opt_state.gradient_step - 1),
+                      lambda e: e, ema)

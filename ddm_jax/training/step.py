@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import optax
 
 from ddm_jax.objective import ddm_loss
-from ddm_jax.training.state import ema_update
+from ddm_jax.training.state import ema_after_update
 
 
 def make_train_step(ddm, config, tx):
@@ -27,8 +27,8 @@ def make_train_step(ddm, config, tx):
     def update(state):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      ema = None if state.ema_params is None else ema_update(state.ema_params, params, decay,
-                                                             state.step)
+      ema = None if state.ema_params is None else ema_after_update(
+          tx, opt_state, state.ema_params, params, decay, state.step)
       return state.replace(params=params, opt_state=opt_state, ema_params=ema)
 
     # A non-finite step changes nothing but the step and the counters, so no NaN
