@@ -30,6 +30,7 @@ def get_config():
   c.data.groups = ()
   c.data.proportions = ()
   c.data.skip_bad = False                # skip unreadable images (listed in metadata.json)
+  c.data.heldout_dir = ''                # held-out images/, labels.*, prompts.txt: evaluate.py's test split
 
   c.model = ml_collections.ConfigDict()
   c.model.pretrained = ''                # a local diffusers folder (model_index.json, unet/, vae/, ...)

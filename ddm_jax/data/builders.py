@@ -3,7 +3,8 @@
 * `biased_digits`: scikit-learn's bundled 8x8 digits, grouped by digit class and
   subsampled to a chosen group ratio: the embedded, network-free demo data.
 * `reference_folder`: the reference DDM data format (a folder of images, one
-  group label per image, one prompt per image).
+  group label per image, one prompt per image); with `data.heldout_dir`, a second such
+  folder becomes the `test` split the evaluation holds out.
 
 Images are stored as `tfds.features.Tensor(uint8)`: `tfds.features.Image`
 would need TensorFlow to encode numpy arrays.
@@ -145,30 +146,59 @@ class ReferenceFolderConfig(tfds.core.BuilderConfig):
   resolution: int = 512
   num_groups: int = 0  # 0: do not bound labels here (the pipeline checks them)
   skip_bad: bool = False  # skip unreadable images (listed in the prepared folder's metadata.json)
+  heldout_dir: str = ''  # a folder in HELDOUT_LAYOUT: prepared as the `test` split
 
 
 def reference_folder_config(image_dir, labels_file, prompts_file, resolution, num_groups=0,
-                            skip_bad=False):
+                            skip_bad=False, heldout_dir=''):
   """A validated config named after its resolution and a fingerprint of the inputs.
 
   The fingerprint covers paths, sizes and modification times (and `skip_bad`), so
   editing the folder or the label file prepares a fresh copy instead of reusing stale data.
+  `heldout_dir` (optional) holds held-out images for evaluation (`heldout_layout`).
   """
   if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
     raise DataError(f'data.resolution must be a positive int, got {resolution!r}')
+  absolute = lambda p: os.path.abspath(os.path.expanduser(p)) if p else ''
   config = ReferenceFolderConfig(
-      name='pending', image_dir=os.path.abspath(os.path.expanduser(image_dir)),
-      labels_file=os.path.abspath(os.path.expanduser(labels_file)),
-      prompts_file=os.path.abspath(os.path.expanduser(prompts_file)) if prompts_file else '',
-      resolution=int(resolution), num_groups=int(num_groups or 0), skip_bad=bool(skip_bad))
-  files, _, _ = read_reference(config)  # fail now, not in the middle of preparing
-  watched = [os.path.join(config.image_dir, f) for f in files] + [config.labels_file]
-  watched += [config.prompts_file] if config.prompts_file else []
+      name='pending', image_dir=absolute(image_dir), labels_file=absolute(labels_file),
+      prompts_file=absolute(prompts_file), resolution=int(resolution),
+      num_groups=int(num_groups or 0), skip_bad=bool(skip_bad), heldout_dir=absolute(heldout_dir))
+  watched = []
+  for sources in split_sources(config).values():  # fail now, not in the middle of preparing
+    files, _, _ = read_reference(sources, config.num_groups)
+    watched += [os.path.join(sources[0], f) for f in files] + [p for p in sources[1:] if p]
   stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in watched]
   key = [config.resolution, stats] + ([True] if config.skip_bad else [])
   digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
   return dataclasses.replace(config, name=f'r{config.resolution}_{digest}',
                              description=f'images in {config.image_dir}')
+
+
+HELDOUT_LAYOUT = 'images/, labels.{json,csv,txt,npy,pkl} and optionally prompts.txt'
+
+
+def heldout_layout(folder):
+  """(image_dir, labels_file, prompts_file or '') of a reference-format folder laid out
+  as `images/`, one `labels.<suffix>` and an optional `prompts.txt` (what
+  `data.reference_digits.write_reference_digits` writes), else DataError naming it."""
+  if not os.path.isdir(folder):
+    raise DataError(f'data.heldout_dir {folder} does not exist')
+  labels = [os.path.join(folder, f'labels{suffix}') for suffix in labels_lib.LABEL_SUFFIXES]
+  labels = [p for p in labels if os.path.isfile(p)]
+  if len(labels) != 1 or not os.path.isdir(os.path.join(folder, 'images')):
+    raise DataError(f'data.heldout_dir {folder} must hold {HELDOUT_LAYOUT}; found '
+                    f'{sorted(os.listdir(folder)) or "nothing"}')
+  prompts = os.path.join(folder, 'prompts.txt')
+  return os.path.join(folder, 'images'), labels[0], prompts if os.path.isfile(prompts) else ''
+
+
+def split_sources(config):
+  """{split: (image_dir, labels_file, prompts_file)}: `train`, and `test` from the held-out folder."""
+  out = {'train': (config.image_dir, config.labels_file, config.prompts_file)}
+  if config.heldout_dir:
+    out['test'] = heldout_layout(config.heldout_dir)
+  return out
 
 
 def list_images(image_dir):
@@ -182,15 +212,17 @@ def list_images(image_dir):
   return names
 
 
-def read_reference(config):
-  """(file names, labels int64, prompts) with matching counts, else DataError."""
-  files = list_images(config.image_dir)
-  labels = labels_lib.read_labels(config.labels_file, config.num_groups or None, names=files)
-  prompts = labels_lib.read_prompts(config.prompts_file) if config.prompts_file else [''] * len(files)
+def read_reference(sources, num_groups=0):
+  """(file names, labels int64, prompts) of `sources` = (image_dir, labels_file,
+  prompts_file or '') with matching counts, else DataError."""
+  image_dir, labels_file, prompts_file = sources
+  files = list_images(image_dir)
+  labels = labels_lib.read_labels(labels_file, num_groups or None, names=files)
+  prompts = labels_lib.read_prompts(prompts_file) if prompts_file else [''] * len(files)
   if not len(files) == len(labels) == len(prompts):
-    prompt_part = f', {len(prompts)} prompts in {config.prompts_file}' if config.prompts_file else ''
-    raise DataError(f'count mismatch: {len(files)} images in {config.image_dir}, '
-                    f'{len(labels)} labels in {config.labels_file}{prompt_part}')
+    prompt_part = f', {len(prompts)} prompts in {prompts_file}' if prompts_file else ''
+    raise DataError(f'count mismatch: {len(files)} images in {image_dir}, '
+                    f'{len(labels)} labels in {labels_file}{prompt_part}')
   return files, labels, prompts
 
 
@@ -265,22 +297,26 @@ class ReferenceFolder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only
-    return {'train': self._generate_examples(*read_reference(self.builder_config))}
+    config = self.builder_config
+    return {split: self._generate_examples(sources[0], *read_reference(sources, config.num_groups))
+            for split, sources in split_sources(config).items()}
 
-  def _generate_examples(self, files, labels, prompts):
+  def _generate_examples(self, image_dir, files, labels, prompts):
     """With `skip_bad`, an unreadable image is left out together with its label and
     prompt, and listed in the data set's metadata.json (`skipped_images`)."""
     config = self.builder_config
     skipped = self.info.metadata.setdefault('skipped_images', [])
+    skipped_here = 0
     for i, (name, label, prompt) in enumerate(zip(files, labels, prompts)):
       try:
-        image = load_rgb(os.path.join(config.image_dir, name), config.resolution)
+        image = load_rgb(os.path.join(image_dir, name), config.resolution)
       except DataError as e:
         if not config.skip_bad:
           raise DataError(f'{e} (set data.skip_bad=True to skip unreadable images)') from None
         skipped.append({'file': name, 'error': str(e)})
+        skipped_here += 1
         continue
       yield i, {'image': image, 'label': label, 'prompt': prompt, 'filename': name}
-    if len(skipped) == len(files):
-      raise DataError(f'none of the {len(files)} images in {config.image_dir} is readable, '
-                      f'e.g. {skipped[0]["error"]}')
+    if skipped_here == len(files):
+      raise DataError(f'none of the {len(files)} images in {image_dir} is readable, '
+                      f'e.g. {skipped[-1]["error"]}')

@@ -81,7 +81,8 @@ def make_builder(data_cfg, data_dir):
     config = builders.reference_folder_config(
         _require(data_cfg, 'image_dir'), _require(data_cfg, 'labels_file'),
         get(data_cfg, 'prompts_file', ''), get(data_cfg, 'resolution'),
-        get(data_cfg, 'num_groups', 0), get(data_cfg, 'skip_bad', False))
+        get(data_cfg, 'num_groups', 0), get(data_cfg, 'skip_bad', False),
+        get(data_cfg, 'heldout_dir', ''))
     return _embedded_builder(builders.ReferenceFolder, config, data_dir)
   if not os.path.isdir(data_dir):
     raise DataError(f'data dir {data_dir} for data set {name!r} does not exist; '
