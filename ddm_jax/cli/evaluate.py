@@ -26,6 +26,10 @@ def parse_args(argv):
                  help='refuse fairness figures when the evaluator is less accurate than this')
   p.add_argument('--evaluator_split', default=None)
   p.add_argument('--heldout_split', default=None)
+  p.add_argument('--heldout_dir', default=None, help='reference-format runs: held-out images/, '
+                 'labels.json and prompts.txt (default: the run\'s data.heldout_dir)')
+  p.add_argument('--evaluator', default='cnn', help="'cnn' (a small CNN trained on the real "
+                 "data) or 'module:factory' returning a GroupEvaluator (evaluation/classifier.py)")
   p.add_argument('--reference_splits', default=None, help='comma-separated real splits for FCD')
   p.add_argument('--evaluator_steps', type=int, default=300)
   p.add_argument('--cache_dir', default=None, help='evaluator cache (default '
@@ -54,6 +58,7 @@ def main(argv):
       num_samples=args.num_samples, seed=args.seed, sampler=args.sampler, steps=args.steps,
       eta=args.eta, batch_size=args.batch_size, target=target, accuracy_floor=args.accuracy_floor,
       evaluator_split=args.evaluator_split, heldout_split=args.heldout_split,
+      heldout_dir=args.heldout_dir, evaluator=args.evaluator,
       reference_splits=args.reference_splits.split(',') if args.reference_splits else None,
       evaluator_steps=args.evaluator_steps, cache_dir=args.cache_dir, guidance=args.guidance,
       guidance_scale=args.guidance_scale, grad_clip=args.grad_clip,

@@ -9,6 +9,20 @@ would report its own bias as the generator's (``check_accuracy_floor``).
 Params are a plain pytree (``module.init(...)['params']``); the module's sizes
 are read back from the kernel shapes, so a params pytree alone is enough to
 ``predict`` or take ``features``.
+
+**Other evaluators** (faces and other large images, where a small CNN trained on a
+few images is not enough): ``evaluate.py --evaluator=MODULE:FACTORY`` (or
+``EvalSettings.evaluator``) imports ``FACTORY`` and calls
+
+    FACTORY(images, labels, num_groups, seed=seed) -> evaluator
+
+with the real evaluator split (float32 NHWC in [-1, 1], int32 group labels) to train
+on, or to ignore for a pretrained classifier. The evaluator is any object with
+
+    evaluator.logits_and_features(images, batch_size) -> (logits [N, K], features [N, F])
+
+(``GroupEvaluator``). It is scored on the held-out split like the CNN and held to the
+same accuracy floor; its features feed the Fréchet distance and precision/recall.
 """
 import functools
 import hashlib
@@ -16,7 +30,8 @@ import json
 import os
 import time
 import warnings
-from typing import Any, NamedTuple
+import importlib
+from typing import Any, NamedTuple, Protocol, Tuple
 
 import flax.linen as nn
 import jax
@@ -52,6 +67,14 @@ class Evaluator(nn.Module):
     x = x.mean(axis=(1, 2))
     feats = nn.swish(nn.Dense(self.features, name='penultimate')(x))
     return nn.Dense(self.num_groups, name='logits')(feats), feats
+
+
+class GroupEvaluator(Protocol):
+  """What the evaluation asks of a plugged-in evaluator (see the module docstring)."""
+
+  def logits_and_features(self, images: np.ndarray,
+                          batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    ...
 
 
 class CachedEvaluator(NamedTuple):
@@ -106,6 +129,9 @@ def _check_labels(labels, n, num_groups, name='labels'):
 
 
 def logits_and_features(params_or_obj, images, batch_size):
+  """(logits [N, K], features [N, F]) of the CNN's params pytree or a ``GroupEvaluator``."""
+  if hasattr(params_or_obj, 'logits_and_features'):
+    return _plugged(params_or_obj, _check_images(images), batch_size)
   p, (groups, width, feats, channels) = _params_of(params_or_obj)
   x = _check_images(images, channels=channels)
   fn = _apply_fn(groups, width, feats)
@@ -123,6 +149,47 @@ def logits_and_features(params_or_obj, images, batch_size):
   if not logits:
     return np.zeros((0, groups), np.float32), np.zeros((0, feats), np.float32)
   return np.concatenate(logits), np.concatenate(feats_out)
+
+
+def _plugged(evaluator, x, batch_size):
+  """A GroupEvaluator's output, checked: one finite row of logits and features per image."""
+  name = type(evaluator).__name__
+  try:
+    logits, feats = evaluator.logits_and_features(x, batch_size)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'evaluator {name}.logits_and_features failed: {e}') from e
+  logits, feats = np.asarray(logits, np.float32), np.asarray(feats, np.float32)
+  if logits.ndim != 2 or feats.ndim != 2 or len(logits) != len(x) or len(feats) != len(x):
+    raise ConfigError(f'evaluator {name} must return logits [N, K] and features [N, F] for '
+                      f'{len(x)} images, got {logits.shape} and {feats.shape}')
+  if not (np.all(np.isfinite(logits)) and np.all(np.isfinite(feats))):
+    raise ConfigError(f'evaluator {name} returned non-finite logits or features')
+  return logits, feats
+
+
+def load_factory(spec):
+  """'package.module:function' -> the function (ConfigError naming `spec` otherwise)."""
+  module, _, name = str(spec).partition(':')
+  if not module or not name:
+    raise ConfigError(f"evaluator must be 'cnn' or 'module:factory', got {spec!r}")
+  try:
+    factory = getattr(importlib.import_module(module), name)
+  except ImportError as e:
+    raise ConfigError(f'evaluator {spec!r}: cannot import {module} ({e})') from None
+  except AttributeError:
+    raise ConfigError(f'evaluator {spec!r}: {module} has no {name}') from None
+  if not callable(factory):
+    raise ConfigError(f'evaluator {spec!r} is not callable')
+  return factory
+
+
+def plugged_evaluator(spec, images, labels, num_groups, seed=0):
+  """The evaluator `spec` ('module:factory') builds from the evaluator split."""
+  evaluator = load_factory(spec)(images, labels, num_groups, seed=seed)
+  if not callable(getattr(evaluator, 'logits_and_features', None)):
+    raise ConfigError(f'evaluator {spec!r} returned {type(evaluator).__name__}, which has no '
+                      'logits_and_features(images, batch_size) method')
+  return evaluator
 
 
 def predict(params_or_obj, images, batch_size=256):

@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 
 from ddm_jax import data as data_lib
-from ddm_jax.errors import ConfigError
+from ddm_jax.data.builders import HELDOUT_LAYOUT
+from ddm_jax.errors import ConfigError, DataError
 from ddm_jax.evaluation import classifier, quality
 from ddm_jax.generation.guidance import PATHS, check_scale, parse_target
 from ddm_jax.generation.plan import GUIDANCES
@@ -32,6 +33,8 @@ class EvalSettings:
   accuracy_floor: float = 0.95
   evaluator_split: Optional[str] = None   # default: 'balanced' (biased_digits) / 'train'
   heldout_split: Optional[str] = None     # default: 'test'
+  heldout_dir: Optional[str] = None       # reference_folder: held-out folder (default data.heldout_dir)
+  evaluator: str = 'cnn'                  # 'cnn' or 'module:factory' (classifier.GroupEvaluator)
   reference_splits: Optional[Sequence[str]] = None  # default: evaluator + held-out splits
   evaluator_steps: int = 300
   evaluator_seed: int = 0
@@ -52,6 +55,8 @@ class EvalSettings:
       raise ConfigError(f'batch_size must be positive, got {self.batch_size}')
     if not 0.0 <= self.accuracy_floor <= 1.0:
       raise ConfigError(f'accuracy_floor must be in [0, 1], got {self.accuracy_floor}')
+    if self.evaluator != 'cnn' and ':' not in self.evaluator:
+      raise ConfigError(f"evaluator must be 'cnn' or 'module:factory', got {self.evaluator!r}")
     if self.guidance not in GUIDANCES:
       raise ConfigError(f"guidance must be 'none' or 'indicator', got {self.guidance!r}")
     if self.guidance == 'indicator':
@@ -61,12 +66,23 @@ class EvalSettings:
     return self
 
 
-def true_group_data_cfg(data_cfg):
-  """``data_cfg`` with pseudo-labels off: the evaluator always learns the *true* groups."""
+def true_group_data_cfg(data_cfg, heldout_dir=None):
+  """``data_cfg`` with pseudo-labels off: the evaluator always learns the *true* groups;
+  ``heldout_dir`` (reference_folder) replaces ``data.heldout_dir``."""
   cfg = ml_collections.ConfigDict(copy.deepcopy(data_cfg.to_dict()))
   if 'pseudo_labels' in cfg:
     cfg.pseudo_labels = ''
+  if heldout_dir:
+    cfg.heldout_dir = os.path.abspath(os.path.expanduser(heldout_dir))
   return cfg
+
+
+def check_heldout(data_cfg, splits):
+  """A reference folder has a held-out (`test`) split only with data.heldout_dir: say so
+  before anything is loaded, instead of tfds' list of splits."""
+  if data_cfg.name == 'reference_folder' and not data_cfg.get('heldout_dir') and 'test' in splits:
+    raise DataError('evaluating a reference_folder run needs held-out images: pass --heldout_dir '
+                    f'DIR (DIR holding {HELDOUT_LAYOUT}) or train with data.heldout_dir set')
 
 
 def default_splits(data_cfg, settings):
@@ -95,30 +111,25 @@ class EvalContext:
   def __init__(self, config, settings, data_dir=None, progress=False):
     self.settings = settings.validate()
     self.config = config
-    data_cfg = true_group_data_cfg(config.data)
+    data_cfg = true_group_data_cfg(config.data, settings.heldout_dir)
     self.num_groups = int(data_cfg.num_groups)
     self.data_dir = data_dir or data_lib.resolve_data_dir(data_cfg)
     ev, ho, ref = default_splits(data_cfg, settings)
+    check_heldout(data_cfg, {ev, ho, *ref})
     self.splits = {'evaluator': ev, 'heldout': ho, 'reference': list(ref)}
     t0 = time.time()
     x_ev, y_ev = data_lib.load_arrays(data_cfg, self.data_dir, ev)
     x_ho, y_ho = data_lib.load_arrays(data_cfg, self.data_dir, ho)
-    cache_dir = settings.cache_dir or os.environ.get('DDM_EVAL_CACHE') or DEFAULT_CACHE
-    key = {'data': data_cfg.name, 'evaluator_split': ev, 'heldout_split': ho,
-           'resolution': int(data_cfg.resolution), 'channels': int(data_cfg.channels)}
-    ev_obj = classifier.load_or_train_evaluator(
-        cache_dir, key, x_ev, y_ev, self.num_groups, val_images=x_ho, val_labels=y_ho,
-        seed=settings.evaluator_seed, steps=settings.evaluator_steps)
-    self.evaluator = ev_obj.params
-    acc, per_group = classifier.accuracy(ev_obj.params, x_ho, y_ho)
+    self.evaluator, trained_info = self._evaluator(data_cfg, settings, x_ev, y_ev, x_ho, y_ho)
+    acc, per_group = classifier.accuracy(self.evaluator, x_ho, y_ho)
     self.evaluator_info = {
-        'heldout_accuracy': float(ev_obj.accuracy), 'heldout_accuracy_recomputed': acc,
+        'kind': settings.evaluator, 'heldout_accuracy': acc, 'heldout_accuracy_recomputed': acc,
         'heldout_per_group_accuracy': [float(a) for a in per_group],
         'n_train': int(len(y_ev)), 'n_heldout': int(len(y_ho)), 'floor': settings.accuracy_floor,
-        'cache': ev_obj.path, 'from_cache': bool(ev_obj.from_cache),
-        'train_split': ev, 'heldout_split': ho}
+        'train_split': ev, 'heldout_split': ho, **trained_info}
     # Refuse before any sampling: fairness numbers from a weak evaluator mislead.
-    classifier.check_accuracy_floor(ev_obj.accuracy, settings.accuracy_floor)
+    classifier.check_accuracy_floor(self.evaluator_info['heldout_accuracy'],
+                                    settings.accuracy_floor)
 
     parts = {ev: (x_ev, y_ev), ho: (x_ho, y_ho)}
     xs, ys = [], []
@@ -138,6 +149,21 @@ class EvalContext:
     self.train_proportions = self.train_counts / self.train_counts.sum()
     self.target = parse_target(settings.target, self.num_groups)
     self.setup_seconds = time.time() - t0
+
+  def _evaluator(self, data_cfg, settings, x_ev, y_ev, x_ho, y_ho):
+    """(evaluator, info): the small CNN, trained once and cached, or a plugged-in one."""
+    if settings.evaluator != 'cnn':
+      return classifier.plugged_evaluator(settings.evaluator, x_ev, y_ev, self.num_groups,
+                                          seed=settings.evaluator_seed), {}
+    cache_dir = settings.cache_dir or os.environ.get('DDM_EVAL_CACHE') or DEFAULT_CACHE
+    key = {'data': data_cfg.name, 'evaluator_split': self.splits['evaluator'],
+           'heldout_split': self.splits['heldout'], 'resolution': int(data_cfg.resolution),
+           'channels': int(data_cfg.channels)}
+    ev_obj = classifier.load_or_train_evaluator(
+        cache_dir, key, x_ev, y_ev, self.num_groups, val_images=x_ho, val_labels=y_ho,
+        seed=settings.evaluator_seed, steps=settings.evaluator_steps)
+    return ev_obj.params, {'heldout_accuracy': float(ev_obj.accuracy), 'cache': ev_obj.path,
+                           'from_cache': bool(ev_obj.from_cache)}
 
   def describe(self):
     return {'evaluator': self.evaluator_info, 'splits': self.splits,

@@ -9,6 +9,7 @@ import numpy as np
 from ddm_jax.diffusion.schedules import add_noise
 from ddm_jax.evaluation import classifier, fairness, quality
 from ddm_jax.evaluation.context import arch_key
+from ddm_jax.objective import predicted_noise
 
 _ENTROPY_FNS = {}
 
@@ -16,7 +17,9 @@ _ENTROPY_FNS = {}
 def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, batch_size=500):
   """Entropy (mean, std) and accuracy of the indicator's softmax on real images noised
   at uniformly random timesteps and passed through the UNet (as the reference code
-  evaluates); accuracy also per quarter of the timestep range."""
+  evaluates); accuracy also per quarter of the timestep range. Batches go through the
+  model's own preparation (`host_features`, `prepare_batch`: for Stable Diffusion the
+  prompt's tokens and the VAE), and the indicator reads the predicted noise as in training."""
   n = min(int(num), len(labels))
   rng = np.random.default_rng(seed)
   idx = rng.permutation(len(labels))[:n]
@@ -25,21 +28,26 @@ def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, ba
   ts = rng.integers(0, T, size=n).astype(np.int32)
   key = arch_key(config)
   if key not in _ENTROPY_FNS:
-    def fn(params, frozen, x0, y, t, noise_key):
-      x0, _, cond = ddm.prepare_batch(frozen, {'image': x0, 'label': y}, noise_key)
-      noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    def fn(params, frozen, batch, t, rng):
+      k_batch, k_noise = jax.random.split(rng)
+      x0, _, cond = ddm.prepare_batch(frozen, batch, k_batch)
+      noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
       x_t = add_noise(ddm.sched, x0, noise, t)
-      return ddm.indicator_fn(params, ddm.model_fn(params, frozen, x_t, t, **cond))
+      out = ddm.model_fn(params, frozen, x_t, t, **cond)
+      return ddm.indicator_fn(params, predicted_noise(ddm.sched, out, x_t, t))
 
     _ENTROPY_FNS[key] = jax.jit(fn)
   fn = _ENTROPY_FNS[key]
+  # The real images carry no prompts here: host_features gives each the config's prompt.
+  batch = _stack([{'image': x[i], 'label': y[i], **ddm.host_features({'label': y[i]})}
+                  for i in range(n)])
   bs = max(1, min(batch_size, n))
   logits = []
   for i, start in enumerate(range(0, n, bs)):
-    sl = slice(start, start + bs)
-    m = len(y[sl])
+    m = min(bs, n - start)
     pad = lambda a: np.concatenate([a, np.repeat(a[:1], bs - m, axis=0)]) if m < bs else a
-    out = fn(params, frozen, pad(x[sl]), pad(y[sl]), pad(ts[sl]),
+    part = {k: pad(v[start:start + m]) for k, v in batch.items()}
+    out = fn(params, frozen, part, pad(ts[start:start + m]),
              jax.random.fold_in(jax.random.key(seed), i))
     logits.append(np.asarray(out, np.float64)[:m])
   logits = np.concatenate(logits)
@@ -50,6 +58,11 @@ def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, ba
               for q in range(4)]
   return {'entropy_mean': mean, 'entropy_std': std, 'max_entropy': math.log(logits.shape[1]),
           'accuracy': float(ok.mean()), 'accuracy_by_t_quarter': quarters, 'n': int(n)}
+
+
+def _stack(examples):
+  """[{key: array}] -> {key: stacked array}."""
+  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
 
 
 def score(ctx, images, cond_labels=None, guide_labels=None):
