@@ -2,6 +2,9 @@
 import contextlib
 import json
 import os
+import zipfile
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -9,7 +12,7 @@ def atomic_path(path):
   """Yields a temporary name beside `path` (same extension, so numpy and PIL keep it) to
   write to; on success it replaces `path`, on failure it is removed."""
   root, ext = os.path.splitext(path)
-  tmp = f'{root}.tmp{ext}'
+  tmp = f'{root}.tmp{os.getpid()}{ext}'  # per process: several hosts may write one file
   try:
     yield tmp
     os.replace(tmp, path)
@@ -35,3 +38,25 @@ def write_bytes(path, data: bytes, sync=False):
     if sync:
       f.flush()
       os.fsync(f.fileno())
+
+
+def write_npz(path, arrays):
+  """An `.npz` (as `np.savez`, uncompressed) whose bytes depend on the arrays alone:
+  `np.savez` stamps each entry with the current time. A value is an array, or a
+  `(shape, dtype, chunks)` triple whose C-order chunks are streamed in one by one, so a
+  large array (every image of a sampling job) is written with flat memory."""
+  with atomic_path(path) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED,
+                                                 allowZip64=True) as zf:
+    for name, value in arrays.items():
+      if isinstance(value, tuple):
+        shape, dtype, chunks = value
+      else:
+        value = np.asarray(value)
+        shape, dtype, chunks = value.shape, value.dtype, [value]
+      info = zipfile.ZipInfo(f'{name}.npy', date_time=(1980, 1, 1, 0, 0, 0))
+      with zf.open(info, 'w', force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {
+            'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
+            'shape': tuple(int(d) for d in shape)})
+        for chunk in chunks:
+          f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())

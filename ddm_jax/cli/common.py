@@ -1,5 +1,6 @@
 """What every command line shares: the error wrapper and the `--config.KEY=VALUE` parser."""
 import functools
+import os
 import sys
 
 from ddm_jax.config import apply_overrides, load_config_file, validate
@@ -27,6 +28,28 @@ def split_overrides(argv):
 def load_config(path, overrides):
   """A config file with command-line overrides applied, validated."""
   return validate(apply_overrides(load_config_file(path), overrides))
+
+
+def host_split(host_index=None, num_hosts=None):
+  """(this host's index, host count) of a job the hosts split without talking: flags, else
+  JAX_PROCESS_ID / JAX_NUM_PROCESSES, else SLURM_PROCID / SLURM_NTASKS, else (0, 1)."""
+  env = os.environ
+  def first(flag, *names, default):
+    if flag is not None:
+      return flag
+    for name in names:
+      if env.get(name):
+        try:
+          return int(env[name])
+        except ValueError:
+          raise DDMError(f'${name} must be an integer, got {env[name]!r}') from None
+    return default
+  num_hosts = first(num_hosts, 'JAX_NUM_PROCESSES', 'SLURM_NTASKS', default=1)
+  host_index = first(host_index, 'JAX_PROCESS_ID', 'SLURM_PROCID', default=0)
+  if num_hosts < 1 or not 0 <= host_index < num_hosts:
+    raise DDMError(f'host index {host_index} must be in [0, {num_hosts}) (--host_index, '
+                   '--num_hosts)')
+  return host_index, num_hosts
 
 
 def cli(fn):

@@ -2,7 +2,7 @@
 import argparse
 import os
 
-from ddm_jax.cli.common import cli
+from ddm_jax.cli.common import cli, host_split
 from ddm_jax.errors import ConfigError
 from ddm_jax.evaluation.context import EvalSettings
 from ddm_jax.evaluation.report import evaluate_workdir, fmt
@@ -42,6 +42,13 @@ def parse_args(argv):
   p.add_argument('--no_ema', action='store_true')
   p.add_argument('--out_dir', default=None, help='default <workdir>/eval[/indicator_s<S>]')
   p.add_argument('--no_progress', action='store_true')
+  p.add_argument('--samples', default=None,
+                 help='score a finished sample.py output folder instead of generating')
+  p.add_argument('--num_hosts', type=int, default=None,
+                 help='generate the samples as a job split over this many hosts; the host that '
+                 'finishes last writes the report (default: $JAX_NUM_PROCESSES, $SLURM_NTASKS, 1)')
+  p.add_argument('--host_index', type=int, default=None,
+                 help="this host's index (default: $JAX_PROCESS_ID, $SLURM_PROCID or 0)")
   return p.parse_args(argv)
 
 
@@ -63,8 +70,14 @@ def main(argv):
       evaluator_steps=args.evaluator_steps, cache_dir=args.cache_dir, guidance=args.guidance,
       guidance_scale=args.guidance_scale, grad_clip=args.grad_clip,
       guidance_path=args.guidance_path, use_ema=not args.no_ema)
+  host_index, num_hosts = host_split(args.host_index, args.num_hosts)
   report, out_dir = evaluate_workdir(args.workdir, settings, args.out_dir,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, samples=args.samples,
+                                     host_index=host_index, num_hosts=num_hosts)
+  if report is None:
+    print(f'host {host_index} of {num_hosts} finished its share of the samples in '
+          f'{os.path.abspath(out_dir)}/samples; the host that finishes last writes the report')
+    return
   f, q = report['fairness'], report['quality']
   print(f"proportions {fmt(f['proportions'], 4)} (target {fmt(f['target'], 3)}), "
         f"FD {f['fd']:.4f}, KL {f['kl']:.5f}, FCD {q['fcd']:.3f} "

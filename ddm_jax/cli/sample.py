@@ -1,15 +1,13 @@
-"""sample.py: images from a trained DDM (pixel or Stable Diffusion workdir)."""
+"""sample.py: a sampling job from a trained DDM (pixel or Stable Diffusion workdir),
+streamed to disk, resumable, split across hosts (generation/job.py)."""
 import argparse
 import os
 
-import numpy as np
-
-from ddm_jax.cli.common import cli
+from ddm_jax.cli.common import cli, host_split
 from ddm_jax.errors import DDMError
-from ddm_jax.files import atomic_path, write_json
-from ddm_jax.generation.plan import plan_generator, plan_samples, run_plan, sampling_params
+from ddm_jax.generation.job import DEFAULT_SHARD_SIZE, run_job
+from ddm_jax.generation.plan import plan_generator, plan_samples, sampling_params
 from ddm_jax.generation.prompts import DEFAULT_CFG_SCALE, split_prompts
-from ddm_jax.images import save_grid, save_png, to_uint8
 from ddm_jax.training.setup import load_trained
 
 
@@ -25,6 +23,13 @@ def parse_args(argv):
   p.add_argument('--eta', type=float, default=None)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--batch_size', type=int, default=256)
+  p.add_argument('--shard_size', type=int, default=DEFAULT_SHARD_SIZE,
+                 help='images per .npz shard; a restarted job skips finished shards')
+  p.add_argument('--num_hosts', type=int, default=None,
+                 help='split the job over this many hosts, which never talk to each other '
+                 '(default: $JAX_NUM_PROCESSES, $SLURM_NTASKS or 1)')
+  p.add_argument('--host_index', type=int, default=None,
+                 help='this host\'s index (default: $JAX_PROCESS_ID, $SLURM_PROCID or 0)')
   p.add_argument('--no_ema', action='store_true', help='use the raw instead of the EMA weights')
   p.add_argument('--class_label', type=int, default=None,
                  help='group to condition on (class-conditioned UNets only)')
@@ -64,22 +69,16 @@ def main(argv):
                       cfg_scale=args.cfg_scale, arg_prefix='--')
   gen = plan_generator(ddm, trained.mesh, plan, args.grad_clip, args.guidance_path)
   params, frozen = sampling_params(ddm, trained.params, trained.frozen)
-  imgs = run_plan(gen, plan, params, frozen)
-
   out = args.output or os.path.join(args.workdir, 'generated')
-  os.makedirs(out, exist_ok=True)
-  u8 = to_uint8(imgs)
-  for i, img in enumerate(u8):
-    save_png(os.path.join(out, f'{i:05d}.png'), img)
-  per_sample = {'class_labels': plan.class_labels, 'guide_labels': plan.guide_labels,
-                'prompt_index': plan.prompt_index}
-  with atomic_path(os.path.join(out, 'samples.npz')) as tmp:
-    np.savez(tmp, images=u8, seed=args.seed, step=trained.step,
-             **{k: v for k, v in per_sample.items() if v is not None})
-  save_grid(os.path.join(out, 'grid.png'), imgs[:256])
-  info = {'workdir': os.path.abspath(args.workdir), 'checkpoint_step': trained.step,
-          'ema': not args.no_ema, **plan.describe()}
+  job_info = {'workdir': os.path.abspath(args.workdir), 'checkpoint_step': trained.step,
+              'ema': not args.no_ema}
   if plan.guide is not None:
-    info.update(grad_clip=args.grad_clip, guidance_path=args.guidance_path)
-  write_json(os.path.join(out, 'sampling.json'), info)
-  print(f'wrote {plan.num_samples} PNGs, samples.npz and grid.png to {os.path.abspath(out)}')
+    job_info.update(grad_clip=args.grad_clip, guidance_path=args.guidance_path)
+  host_index, num_hosts = host_split(args.host_index, args.num_hosts)
+  complete = run_job(gen, plan, params, frozen, out, job_info, args.shard_size, host_index,
+                     num_hosts)
+  if complete:
+    print(f'wrote {plan.num_samples} PNGs, samples.npz and grid.png to {os.path.abspath(out)}')
+  else:
+    print(f'host {host_index} of {num_hosts} finished its shards in {os.path.abspath(out)}; '
+          'the host that finishes last writes samples.npz and grid.png')

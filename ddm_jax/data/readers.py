@@ -15,7 +15,12 @@ from ddm_jax.errors import DataError
 
 def make_dataset(data_cfg, data_dir, split, batch_size, seed, process_index=0, process_count=1,
                  extra_fn=None):
-  """The grain `MapDataset` behind `make_iterator` (shard, shuffle per epoch, repeat, batch).
+  """The grain `MapDataset` behind `make_iterator` (shuffle per epoch, repeat, batch).
+
+  One global order of examples, whatever the number of processes: process p takes rows
+  [p*B, (p+1)*B) of every global batch of B*process_count examples (B = `batch_size`,
+  the per-process batch) and reads and decodes only those, so the global batches, and
+  hence training, are the same on one host or many.
 
   `extra_fn(raw_example) -> dict` adds model-specific host features (e.g. the
   prompt's token ids for Stable Diffusion) to each preprocessed example."""
@@ -24,15 +29,17 @@ def make_dataset(data_cfg, data_dir, split, batch_size, seed, process_index=0, p
   if batch_size < 1:
     raise DataError(f'batch size must be positive, got {batch_size}')
   source = make_source(data_cfg, data_dir, split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) == 0:
-    raise DataError(f'{get(data_cfg, "name")}[{split}] has {len(source)} examples, too few for '
-                    f'{process_count} processes')
+  if len(source) == 0:
+    raise DataError(f'{get(data_cfg, "name")}[{split}] has no examples')
+  ds = grain.MapDataset.source(source).shuffle(seed=int(seed) % 2**32).repeat()
+  if process_count > 1:
+    order, rows, total = ds, batch_size, batch_size * process_count
+    ds = grain.MapDataset.range(len(order) // process_count).map(
+        lambda k: order[(k // rows) * total + process_index * rows + k % rows])
   fn = preprocess_fn(data_cfg)
   if extra_fn is not None:
     fn = functools.partial(_with_extra, fn, extra_fn)
-  ds = ds.shuffle(seed=int(seed) % 2**32).repeat().map(fn)
-  return ds.batch(batch_size, drop_remainder=True)
+  return ds.map(fn).batch(batch_size, drop_remainder=True)
 
 
 def _with_extra(fn, extra_fn, example):

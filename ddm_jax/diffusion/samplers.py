@@ -2,7 +2,8 @@
 
 A sampler sees the model only through `denoise(x_t, t) -> (x0_pred, eps_pred)`,
 so classifier-free or indicator guidance wraps `denoise` and every sampler gets it.
-Randomness for step i comes from `fold_in(key, i)`: a key fully determines a run.
+Randomness for step i comes from `fold_in(key, i)` (per sample with one key per sample,
+`step_noise`): a key fully determines a run.
 """
 from typing import Callable
 
@@ -87,6 +88,15 @@ def make_denoiser(model_fn: Callable, sched):
   return denoise
 
 
+def step_noise(key, i, x):
+  """N(0, I) shaped like `x` for step `i`: from fold_in(key, i), or, when `key` holds one
+  key per sample ([B]), sample b's from fold_in(key[b], i), so that a sample's noise never
+  depends on the batch it is drawn in (batch size, devices, hosts)."""
+  if jnp.ndim(key) == 0:
+    return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype))(key)
+
+
 def _abar(sched, t, final_alpha):
   """alphas_cumprod at t, or `final_alpha` where t < 0 (the step past the end)."""
   return jnp.where(t >= 0, sched.alphas_cumprod[jnp.maximum(t, 0)], final_alpha)
@@ -108,7 +118,7 @@ def ddim(denoise, sched, x, key, steps=50, eta=0.0, final_alpha=1.0, clip_x0=Non
       x0 = jnp.clip(x0, -clip_x0, clip_x0)
     a_t, a_p = sched.alphas_cumprod[t], _abar(sched, tp, final_alpha)
     sigma = eta * jnp.sqrt((1 - a_p) / (1 - a_t)) * jnp.sqrt(1 - a_t / a_p)
-    noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    noise = step_noise(key, i, x)
     x = jnp.sqrt(a_p) * x0 + jnp.sqrt(jnp.maximum(1 - a_p - sigma ** 2, 0.0)) * eps + sigma * noise
     return x, None
 
@@ -133,7 +143,7 @@ def ddpm(denoise, sched, x, key, steps=1000, final_alpha=1.0, clip_x0=None, step
     cur_alpha = a_t / a_p
     mean = (jnp.sqrt(a_p) * (1 - cur_alpha) * x0 + jnp.sqrt(cur_alpha) * (1 - a_p) * x) / (1 - a_t)
     var = jnp.maximum((1 - a_p) / (1 - a_t) * (1 - cur_alpha), 1e-20)
-    noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    noise = step_noise(key, i, x)
     return mean + jnp.where(t > 0, jnp.sqrt(var), 0.0) * noise, None
 
   x, _ = jax.lax.scan(body, x, (jnp.arange(len(ts)), jnp.asarray(ts), jnp.asarray(prevs)))

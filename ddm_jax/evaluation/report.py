@@ -33,6 +33,7 @@ from ddm_jax.evaluation import plots
 from ddm_jax.evaluation.context import EvalContext, arch_key
 from ddm_jax.evaluation.scoring import indicator_stats, score
 from ddm_jax.files import write_json, write_text
+from ddm_jax.generation.job import read_samples, run_job
 from ddm_jax.generation.plan import plan_generator, plan_samples, run_plan, sampling_params
 from ddm_jax.images import to_uint8
 from ddm_jax.training.checkpoint import config_to_json
@@ -114,32 +115,47 @@ def write_outputs(out_dir, report, images, pred, num_groups):
   write_text(os.path.join(out_dir, 'report.md'), render_markdown(report))
 
 
+def _plan(trained, settings):
+  return plan_samples(trained.ddm, trained.config, settings.num_samples, seed=settings.seed,
+                      batch_size=settings.batch_size, sampler=settings.sampler,
+                      steps=settings.steps, eta=settings.eta, target=settings.target,
+                      guidance=settings.guidance, guidance_scale=settings.guidance_scale)
+
+
 def evaluate_loaded(workdir, trained, settings, ctx=None, out_dir=None, progress=False,
-                    with_indicator=True):
+                    with_indicator=True, samples=None):
   """Evaluate an already loaded model (`training.setup.Trained`); returns the report dict.
 
-  Writes ``out_dir`` (report.json, report.md, plots, samples.npz) unless it is ``None``.
+  The images are generated here, or read from `samples`, a finished sampling job folder
+  (sample.py's output, `generation.job`). Writes ``out_dir`` (report.json, report.md,
+  plots, samples.npz) unless it is ``None``.
   """
   config, ddm = trained.config, trained.ddm
   settings.validate()
   ctx = ctx or EvalContext(config, settings, progress=progress)
-  plan = plan_samples(ddm, config, settings.num_samples, seed=settings.seed,
-                      batch_size=settings.batch_size, sampler=settings.sampler,
-                      steps=settings.steps, eta=settings.eta, target=ctx.target,
-                      guidance=settings.guidance, guidance_scale=settings.guidance_scale)
-  t0 = time.time()
-  images = run_plan(_generator(config, ddm, trained.mesh, plan, settings), plan,
-                    *sampling_params(ddm, trained.params, trained.frozen), progress=progress)
-  t_sample = time.time() - t0
-  scores, pred = score(ctx, images, plan.class_labels, plan.guide_labels)
+  sampling = {'guidance': settings.guidance, 'guidance_scale': settings.guidance_scale,
+              'guidance_path': settings.guidance_path, 'ema': settings.use_ema}
+  if samples:
+    images, per_sample, manifest = read_samples(samples)
+    cond_labels, guide_labels = per_sample.get('class_labels'), per_sample.get('guide_labels')
+    sampling = {**{k: manifest.get(k, v) for k, v in sampling.items()},
+                'sampler': manifest['sampler'], 'steps': manifest['steps'],
+                'eta': manifest['eta'], 'seconds': manifest.get('seconds'),
+                'samples': os.path.abspath(samples),
+                'samples_checkpoint_step': manifest.get('checkpoint_step')}
+    seed = manifest['seed']
+  else:
+    plan = _plan(trained, settings)
+    t0 = time.time()
+    images = run_plan(_generator(config, ddm, trained.mesh, plan, settings), plan,
+                      *sampling_params(ddm, trained.params, trained.frozen), progress=progress)
+    sampling.update(sampler=plan.sampler, steps=plan.steps, eta=plan.eta,
+                    seconds=time.time() - t0)
+    cond_labels, guide_labels, seed = plan.class_labels, plan.guide_labels, settings.seed
+  scores, pred = score(ctx, images, cond_labels, guide_labels)
   report = {'workdir': os.path.abspath(workdir), 'checkpoint_step': int(trained.step),
-            'seed': settings.seed, 'num_samples': settings.num_samples,
-            'settings': dataclasses.asdict(settings),
-            'sampling': {'sampler': plan.sampler, 'steps': plan.steps, 'eta': plan.eta,
-                         'guidance': settings.guidance,
-                         'guidance_scale': settings.guidance_scale,
-                         'guidance_path': settings.guidance_path, 'ema': settings.use_ema,
-                         'seconds': t_sample},
+            'seed': seed, 'num_samples': int(len(images)),
+            'settings': dataclasses.asdict(settings), 'sampling': sampling,
             'data': ctx.describe(), **scores, 'config': config_to_json(config)}
   if with_indicator:
     report['indicator'] = indicator_stats(config, ddm, trained.params, trained.frozen,
@@ -173,11 +189,26 @@ def default_out_dir(workdir, settings):
   return out
 
 
-def evaluate_workdir(workdir, settings, out_dir=None, progress=True):
+def evaluate_workdir(workdir, settings, out_dir=None, progress=True, samples=None,
+                     host_index=0, num_hosts=1):
   """``evaluate.py``: load the latest checkpoint, evaluate, write ``out_dir`` (default
-  ``<workdir>/eval``, or ``<workdir>/eval/indicator_s<S>`` for guided sampling)."""
+  ``<workdir>/eval``, or ``<workdir>/eval/indicator_s<S>`` for guided sampling).
+
+  With several hosts, each generates its share of the samples as a sampling job in
+  ``<out_dir>/samples`` (hosts never talk), and the host that finishes the job last
+  scores it; the others return ``(None, out_dir)``."""
   settings.validate()
-  loaded = load_trained(workdir, use_ema=settings.use_ema)
+  trained = load_trained(workdir, use_ema=settings.use_ema)
   out_dir = out_dir or default_out_dir(workdir, settings)
-  report = evaluate_loaded(workdir, loaded, settings, out_dir=out_dir, progress=progress)
+  if num_hosts > 1 and not samples:
+    plan = _plan(trained, settings)
+    samples = os.path.join(out_dir, 'samples')
+    job_info = {'workdir': os.path.abspath(workdir), 'checkpoint_step': trained.step,
+                'ema': settings.use_ema}
+    if not run_job(_generator(trained.config, trained.ddm, trained.mesh, plan, settings), plan,
+                   *sampling_params(trained.ddm, trained.params, trained.frozen), samples,
+                   job_info, host_index=host_index, num_hosts=num_hosts, progress=progress):
+      return None, out_dir
+  report = evaluate_loaded(workdir, trained, settings, out_dir=out_dir, progress=progress,
+                           samples=samples)
   return report, out_dir

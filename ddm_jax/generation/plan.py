@@ -18,20 +18,23 @@ import numpy as np
 
 from ddm_jax.diffusion.samplers import SAMPLERS
 from ddm_jax.errors import ConfigError
-from ddm_jax.generation.generator import effective_batch_size, generate, make_generator
+from ddm_jax.generation.generator import generate, make_generator
 from ddm_jax.generation.guidance import (check_scale, make_guide, make_guided_generator,
                                          parse_target, stratified_groups)
 from ddm_jax.generation.prompts import (DEFAULT_CFG_SCALE, CFGModel, inference_params,
                                         prompt_batch)
 
 GUIDANCES = ('none', 'indicator')
+# Groups are assigned stratified within consecutive blocks of this many images, so every
+# block holds the target mix exactly and image i's group depends on (seed, i) only.
+GROUP_BLOCK = 100
 
 
 @dataclasses.dataclass
 class SamplingPlan:
   num_samples: int                        # in all (SD: per prompt x prompts)
   seed: int
-  batch_size: int                         # per compiled call, a multiple of the device count
+  batch_size: int                         # per compiled call (rounded up to the device count)
   sampler: str
   steps: int
   eta: float
@@ -47,6 +50,12 @@ class SamplingPlan:
   @property
   def guide_labels(self):
     return None if self.guide is None else self.guide['labels']
+
+  def per_sample(self):
+    """The per-sample inputs worth keeping beside the images ([num_samples] arrays)."""
+    out = {'class_labels': self.class_labels, 'guide_labels': self.guide_labels,
+           'prompt_index': self.prompt_index}
+    return {k: np.asarray(v) for k, v in out.items() if v is not None}
 
   def describe(self):
     """What sampling.json and the evaluation report record."""
@@ -76,8 +85,9 @@ def plan_samples(ddm, config, num_samples, *, seed=0, batch_size=256, sampler=No
                  prompts=None, negative_prompt=None, cfg_scale=DEFAULT_CFG_SCALE, arg_prefix=''):
   """`num_samples` images (per prompt, for Stable Diffusion: `prompts` default to the
   training prompt). Each sample's group is drawn stratified toward `target` (default
-  uniform) per batch, with `seed + 1`: the same assignment conditions a group-conditioned
-  UNet (unless `class_label` fixes one group) and steers indicator guidance."""
+  uniform) in blocks of GROUP_BLOCK images, with `seed + 1`: the same assignment conditions a
+  group-conditioned UNet (unless `class_label` fixes one group) and steers indicator
+  guidance."""
   if num_samples <= 0:
     raise ConfigError(f'{arg_prefix}num_samples must be positive, got {num_samples}')
   if guidance not in GUIDANCES:
@@ -95,12 +105,13 @@ def plan_samples(ddm, config, num_samples, *, seed=0, batch_size=256, sampler=No
     num_samples *= len(prompts)
   elif prompts or negative_prompt is not None:
     raise ConfigError('prompts and negative prompts need a Stable Diffusion workdir')
-  bs = effective_batch_size(num_samples, batch_size)
   target = parse_target(target, k)
   guided = guidance == 'indicator'
   groups = None
   if guided or ddm.num_class_embeds:
-    groups = stratified_groups(num_samples, target, bs, seed=seed + 1)
+    blocks = -(-num_samples // GROUP_BLOCK)
+    groups = stratified_groups(blocks * GROUP_BLOCK, target, GROUP_BLOCK, seed=seed + 1)
+    groups = groups[:num_samples]
   if guided:
     if float(config.loss.w_ind) == 0.0:
       raise ConfigError('this model was trained with loss.w_ind = 0: its indicator never '
@@ -115,7 +126,9 @@ def plan_samples(ddm, config, num_samples, *, seed=0, batch_size=256, sampler=No
       plan_kw['class_labels'] = np.full(num_samples, class_label, np.int32)
   elif class_label is not None:
     raise ConfigError('class_label needs a group-conditioned UNet (model.num_class_embeds > 0)')
-  return SamplingPlan(num_samples, int(seed), bs, sampler, steps, eta, target, guidance,
+  if batch_size < 1:
+    raise ConfigError(f'{arg_prefix}batch_size must be positive, got {batch_size}')
+  return SamplingPlan(num_samples, int(seed), int(batch_size), sampler, steps, eta, target, guidance,
                       float(guidance_scale), **plan_kw)
 
 

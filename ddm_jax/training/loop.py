@@ -1,4 +1,5 @@
 """The training loop: config -> data -> compiled step -> checkpoints, metrics, sample grids."""
+import itertools
 import json
 import os
 import time
@@ -107,14 +108,19 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
     check_finite()
     ckpt.save(step, state, config, iterator.get_state())
 
+  batches = (parallel.global_batch(mesh, b) for b in iterator)
+  if start < num_steps:  # compiled before its first run; with many hosts they meet first
+    first = next(batches)
+    step_fn = parallel.compile_and_meet(step_fn, state, first, frozen, name='train step')
+    batches = itertools.chain([first], batches)
+  multi = jax.process_count() > 1
   pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main),
               desc='train', dynamic_ncols=True)
   t_last, s_last = time.time(), start
   step = start
   try:
     for step in range(start + 1, num_steps + 1):
-      batch = parallel.global_batch(mesh, next(iterator))
-      state, metrics = step_fn(state, batch, frozen)
+      state, metrics = step_fn(state, next(batches), frozen)
       pbar.update(1)
       if step % config.train.log_every == 0 or step == num_steps:
         m = parallel.to_host(metrics)
@@ -140,7 +146,10 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
           save_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), imgs)
       if step % config.train.checkpoint_every == 0 or step == num_steps:
         save(step)
-      if should_stop():
+      # Every host must stop at the same step: with several, they agree at the logging
+      # steps (a collective), so a SIGTERM on one host stops all within log_every steps.
+      if ((not multi or step % config.train.log_every == 0 or step == num_steps)
+          and parallel.any_process(should_stop())):
         if is_main:
           print(f'\nstop requested: checkpointing step {step} and exiting', flush=True)
         if step % config.train.checkpoint_every and step != num_steps:
