@@ -123,3 +123,15 @@ def test_evaluate_reads_a_sample_folder(trained, tmp_path, capsys):
   assert evaluate_main([f'--workdir={trained}', f'--samples={out}', '--accuracy_floor=0',
                         f'--cache_dir={tmp_path / "cache"}']) == 2
   assert 'not finished' in capsys.readouterr().err
+
+
+def test_evaluate_split_over_hosts(trained, tmp_path):
+  """Each host samples its shards into <out_dir>/samples; the last to finish reports."""
+  common = [f'--workdir={trained}', '--num_samples=24', '--steps=4', '--accuracy_floor=0',
+            '--evaluator_steps=20', f'--cache_dir={tmp_path / "cache"}',
+            f'--out_dir={tmp_path / "ev"}', '--no_progress', '--num_hosts=2']
+  assert evaluate_main(common + ['--host_index=1']) == 0  # no shard of its own is missing
+  assert not os.path.exists(tmp_path / 'ev' / 'report.json')
+  assert evaluate_main(common + ['--host_index=0']) == 0
+  rep = json.load(open(tmp_path / 'ev' / 'report.json'))
+  assert rep['num_samples'] == 24 and rep['sampling']['samples'] == str(tmp_path / 'ev' / 'samples')
