@@ -18,3 +18,6 @@ def load_latent_ddm(config):
 def build_ddm(config):
   """Stable Diffusion + LoRA when `model.pretrained` names a folder, else pixel space."""
   return load_latent_ddm(config) if is_latent(config) else PixelDDM(config)
+
+
+__all__ = ['DDM', 'PixelDDM', 'LatentDDM', 'build_ddm', 'load_latent_ddm']

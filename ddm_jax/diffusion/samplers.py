@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddm_jax.diffusion.schedules import _bcast, to_x0_eps
+from ddm_jax.diffusion.schedules import to_x0_eps
 
 SAMPLERS = {}
 
