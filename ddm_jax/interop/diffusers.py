@@ -12,9 +12,11 @@ Every tensor is checked against the module's param tree, built with `jax.eval_sh
 (no real-size initialisation): a missing key, an unexpected key or a shape mismatch
 raises WeightsError naming the file and the key.
 
-Memory: tensors are read one at a time through `safe_open` (the file is memory-mapped),
-converted, copied into a jax array and the numpy array dropped before the next
-read, so the peak is one full copy of the weights plus one tensor.
+Memory: tensors are read one at a time with plain reads (not through a memory map:
+the mapped file's pages would count in the process's memory until it is closed, a
+second copy of a 3.4 GB UNet), converted, copied into a jax array and the numpy array
+dropped before the next read, so the peak is one full copy of the weights plus one
+tensor (BENCHMARKS.md "Memory").
 """
 import json
 import os
@@ -27,7 +29,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
 
 from ddm_jax.diffusion.schedules import PREDICTION_TYPES, SCHEDULES
 from ddm_jax.errors import WeightsError
@@ -106,11 +107,7 @@ def weight_files(folder: str, variant: Optional[str] = None) -> Tuple[Dict[str, 
     single = os.path.join(folder, stem + suffix)
     index = single + '.index.json'
     if os.path.isfile(single):
-      try:
-        with safe_open(single, framework='numpy') as f:
-          return {k: single for k in f.keys()}, single
-      except Exception as e:  # safetensors raises SafetensorError / OSError on bad headers
-        raise WeightsError(f'{single}: cannot read safetensors header ({e})') from e
+      return {k: single for k in read_header(single)[0]}, single
     if os.path.isfile(index):
       weight_map = _read_json(index).get('weight_map')
       if not isinstance(weight_map, dict):
@@ -205,36 +202,59 @@ def convert(tensors, expected, where: str, rename: Callable[[str], Optional[str]
   return traverse_util.unflatten_dict(params)
 
 
+_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+           'BOOL': np.bool_}
+
+
+def read_header(file):
+  """A safetensors file's ({key: (dtype, shape, start, end)}, data offset), checked against
+  the file's size, so that a truncated or foreign file fails here, naming the file."""
+  try:
+    size = os.path.getsize(file)
+    with open(file, 'rb') as f:
+      n = int.from_bytes(f.read(8), 'little')
+      if not 2 <= n <= size - 8:
+        raise ValueError(f'header length {n} does not fit a file of {size} bytes')
+      raw = json.loads(f.read(n))
+    if not isinstance(raw, dict):
+      raise ValueError('the header is not a JSON object')
+    header = {}
+    for key, info in raw.items():
+      if key == '__metadata__':
+        continue
+      start, end = info['data_offsets']
+      dtype = np.dtype(_DTYPES[info['dtype']])
+      shape = tuple(int(d) for d in info['shape'])
+      if not 0 <= start <= end <= size - 8 - n or end - start != int(
+          np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise ValueError(f'{key!r}: data offsets {start}..{end} do not fit its shape or the file')
+      header[key] = (dtype, shape, 8 + n + start)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise WeightsError(f'{file}: cannot read safetensors header ({type(e).__name__}: {e})') from e
+  return header, 8 + n
+
+
 def _tensors(files):
   """Yields (key, file, load) reading each file once, one tensor at a time."""
   by_file = defaultdict(list)
   for key, file in files.items():
     by_file[file].append(key)
   for file, keys in by_file.items():
-    try:
-      handle = safe_open(file, framework='numpy')
-    except Exception as e:
-      raise WeightsError(f'{file}: cannot open safetensors ({e})') from e
-    with handle as f:
-      available = set(f.keys())
-      for key in keys:
-        if key not in available:
-          raise WeightsError(f'{file}: key {key!r} listed in the index is not in the file')
-        yield key, file, (lambda k=key: _get_tensor(f, file, k))
-
-
-def _get_tensor(handle, file, key):
-  try:
-    return handle.get_tensor(key)
-  except TypeError:  # safetensors' numpy backend has no bfloat16: map the bytes ourselves
-    if handle.get_slice(key).get_dtype() != 'BF16':
-      raise
+    header, _ = read_header(file)
     with open(file, 'rb') as f:
-      size = int.from_bytes(f.read(8), 'little')
-      info = json.loads(f.read(size))[key]
-    start, end = info['data_offsets']
-    raw = np.memmap(file, np.uint8, mode='r', offset=8 + size + start, shape=(end - start,))
-    return raw.view(ml_dtypes.bfloat16).reshape(info['shape'])
+      for key in keys:
+        if key not in header:
+          raise WeightsError(f'{file}: key {key!r} listed in the index is not in the file')
+        yield key, file, (lambda k=key: _read_tensor(f, file, k, *header[k]))
+
+
+def _read_tensor(f, file, key, dtype, shape, offset):
+  array = np.empty(shape, dtype)
+  f.seek(offset)
+  if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+    raise WeightsError(f'{file}: {key!r} is cut short (the file changed while it was read)')
+  return array
 
 
 def expected_params(module, *args, **kwargs):
