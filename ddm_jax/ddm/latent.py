@@ -112,10 +112,12 @@ class LatentDDM(DDM):
         print(f'note: scheduler_config.json has {note}', file=sys.stderr)
     return kw
 
-  def merged_params(self, params):
-    """Base weights with the LoRA folded in (for inference and export)."""
-    out = {'unet': lora_lib.merge(self._frozen['unet'], params['unet_lora'], self.unet_scale),
-           'text': self._frozen['text']}
+  def merged_params(self, params, frozen=None):
+    """Base weights (`frozen`'s, default the loaded ones) with the LoRA folded in, for
+    inference and export: only the adapted kernels are new arrays."""
+    frozen = self._frozen if frozen is None else frozen
+    out = {'unet': lora_lib.merge(frozen['unet'], params['unet_lora'], self.unet_scale),
+           'text': frozen['text']}
     if 'text_lora' in params:
-      out['text'] = lora_lib.merge(self._frozen['text'], params['text_lora'], self.text_scale)
+      out['text'] = lora_lib.merge(frozen['text'], params['text_lora'], self.text_scale)
     return out

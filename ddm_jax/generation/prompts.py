@@ -91,8 +91,9 @@ def cfg_parts(model, cond):
 def inference_params(ddm, params, frozen):
   """(params, frozen) with the UNet/text-encoder LoRA folded into the base weights (one
   matmul per adapted kernel instead of a LoRA branch at every step); the trainable tree
-  keeps only the indicator (for indicator guidance)."""
-  merged = ddm.merged_params(params)
+  keeps only the indicator (for indicator guidance). Merged from `frozen` itself: every
+  leaf but the adapted kernels is `frozen`'s own array (no second copy of the base)."""
+  merged = ddm.merged_params(params, frozen)
   frozen = {**frozen, **jax.device_put(merged, _sharding_of(frozen))}
   return {k: v for k, v in params.items() if k not in ('unet_lora', 'text_lora')}, frozen
 
