@@ -256,3 +256,16 @@ def test_move_clip_only_for_clipping_samplers():
   assert G.move_clip('ddpm', {'clip_x0': 1.0, 'x': 2}) == ({'x': 2}, 1.0)
   assert G.move_clip('dpm++2m', {'clip_x0': 1.0}) == ({}, None)  # never clipped: still not
   assert G.move_clip('ddim', {}) == ({}, None)
+
+
+@pytest.mark.parametrize('target', [[0.5, 0.5], [0.8, 0.2], [0.2, 0.3, 0.5], [1 / 3] * 3])
+def test_balanced_groups_every_prefix_holds_the_target(target):
+  """The plan's assignment: any run length (and so any batch size or host split) is
+  balanced to within one sample per group, and image j's group depends on j only."""
+  y = G.balanced_groups(257, target)
+  assert y.dtype == np.int32 and y.shape == (257,)
+  counts = np.zeros(len(target))
+  for j, g in enumerate(y):
+    counts[g] += 1
+    assert np.all(np.abs(counts - (j + 1) * np.asarray(target)) < 1 + 1e-9), (j, counts)
+  np.testing.assert_array_equal(G.balanced_groups(40, target), y[:40])

@@ -3,7 +3,7 @@ streamed to disk, resumable, split across hosts (generation/job.py)."""
 import argparse
 import os
 
-from ddm_jax.cli.common import cli, host_split
+from ddm_jax.cli.common import cli, host_split, parse
 from ddm_jax.errors import DDMError
 from ddm_jax.generation.job import DEFAULT_SHARD_SIZE, run_job
 from ddm_jax.generation.plan import plan_generator, plan_samples, sampling_params
@@ -36,7 +36,7 @@ def parse_args(argv):
   p.add_argument('--guidance', default='none', choices=('none', 'indicator'),
                  help='indicator: steer each sample to a target group with the trained indicator')
   p.add_argument('--target', default=None, help='target group distribution, e.g. 0.5,0.5 '
-                 '(default uniform); samples are assigned groups stratified per batch')
+                 '(default uniform); every prefix of the job holds this mix as closely as integers allow')
   p.add_argument('--guidance_scale', type=float, default=1.0)
   p.add_argument('--grad_clip', type=float, default=None,
                  help='cap the per-sample norm of the guidance gradient')
@@ -50,7 +50,7 @@ def parse_args(argv):
                        help='the unconditional prompt of classifier-free guidance (default "")')
   sd_args.add_argument('--cfg_scale', type=float, default=DEFAULT_CFG_SCALE,
                        help='classifier-free guidance scale (<= 1: no guidance)')
-  args = p.parse_args(argv)
+  args = parse(p, argv)
   if args.target is not None and args.guidance != 'indicator':
     raise DDMError('--target needs --guidance=indicator')
   return args

@@ -9,8 +9,9 @@ group classifier ``log p(y | x_t)``. Classifier guidance (Dhariwal & Nichol
     x0'  = (x_t - sqrt(1 - abar_t) * eps') / sqrt(abar_t)
 
 where the gradient flows through the UNet and the indicator. Each sample is
-assigned a target group before sampling (``stratified_groups``), so every
-batch matches the target distribution exactly up to rounding, and the
+assigned a target group before sampling (``balanced_groups``: every prefix of a
+run matches the target distribution up to rounding; ``stratified_groups`` shuffles
+within chunks instead), and the
 guidance pulls sample i toward its group ``y_i``. The wrapped denoiser is
 traced into the sampler's single ``lax.scan`` (DDIM, DDPM, DPM-Solver++), so
 guided sampling stays one compiled program, batch-sharded like the unguided.
@@ -79,6 +80,21 @@ def stratified_groups(num, target, batch_size, seed=0):
     labels = np.repeat(np.arange(len(target)), stratified_counts(m, target))
     out.append(rng.permutation(labels))
   return np.concatenate(out).astype(np.int32)
+
+
+def balanced_groups(num, target):
+  """The target group of images 0..num-1 such that every prefix holds the target mix as
+  closely as integers allow: image j goes to the group furthest below its share of j + 1
+  (ties: the lower id). Image j's group depends on j and `target` only, so a job of any
+  length, batch size or host split is balanced, and its first n images are too."""
+  target = np.asarray(target, np.float64)
+  counts = np.zeros(target.size)
+  out = np.empty(int(num), np.int32)
+  for j in range(int(num)):
+    g = int(np.argmax((j + 1) * target - counts - 1e-9 * np.arange(target.size)))
+    out[j] = g
+    counts[g] += 1
+  return out
 
 
 PATHS = ('unet', 'x0')

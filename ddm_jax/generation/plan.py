@@ -1,7 +1,7 @@
 """The sampling plan: what `sample.py` and the evaluation generate, decided in one place.
 
 `plan_samples` resolves the sampler settings (the run's config as defaults, checked),
-assigns every sample its inputs (a stratified target group for group-conditioned UNets
+assigns every sample its inputs (a balanced target group for group-conditioned UNets
 and for indicator guidance; prompts with classifier-free guidance for Stable Diffusion)
 and `plan_generator` builds the matching compiled generator:
 
@@ -20,14 +20,11 @@ from ddm_jax.diffusion.samplers import SAMPLERS
 from ddm_jax.errors import ConfigError
 from ddm_jax.generation.generator import generate, make_generator
 from ddm_jax.generation.guidance import (check_scale, make_guide, make_guided_generator,
-                                         parse_target, stratified_groups)
+                                         parse_target, balanced_groups)
 from ddm_jax.generation.prompts import (DEFAULT_CFG_SCALE, CFGModel, inference_params,
                                         prompt_batch)
 
 GUIDANCES = ('none', 'indicator')
-# Groups are assigned stratified within consecutive blocks of this many images, so every
-# block holds the target mix exactly and image i's group depends on (seed, i) only.
-GROUP_BLOCK = 100
 
 
 @dataclasses.dataclass
@@ -84,10 +81,10 @@ def plan_samples(ddm, config, num_samples, *, seed=0, batch_size=256, sampler=No
                  eta=None, target=None, class_label=None, guidance='none', guidance_scale=0.0,
                  prompts=None, negative_prompt=None, cfg_scale=DEFAULT_CFG_SCALE, arg_prefix=''):
   """`num_samples` images (per prompt, for Stable Diffusion: `prompts` default to the
-  training prompt). Each sample's group is drawn stratified toward `target` (default
-  uniform) in blocks of GROUP_BLOCK images, with `seed + 1`: the same assignment conditions a
-  group-conditioned UNet (unless `class_label` fixes one group) and steers indicator
-  guidance."""
+  training prompt). Each sample gets a group so that every prefix of the run holds the
+  `target` mix (default uniform) as closely as integers allow (`guidance.balanced_groups`):
+  the same assignment conditions a group-conditioned UNet (unless `class_label` fixes one
+  group) and steers indicator guidance."""
   if num_samples <= 0:
     raise ConfigError(f'{arg_prefix}num_samples must be positive, got {num_samples}')
   if guidance not in GUIDANCES:
@@ -109,9 +106,7 @@ def plan_samples(ddm, config, num_samples, *, seed=0, batch_size=256, sampler=No
   guided = guidance == 'indicator'
   groups = None
   if guided or ddm.num_class_embeds:
-    blocks = -(-num_samples // GROUP_BLOCK)
-    groups = stratified_groups(blocks * GROUP_BLOCK, target, GROUP_BLOCK, seed=seed + 1)
-    groups = groups[:num_samples]
+    groups = balanced_groups(num_samples, target)
   if guided:
     if float(config.loss.w_ind) == 0.0:
       raise ConfigError('this model was trained with loss.w_ind = 0: its indicator never '
