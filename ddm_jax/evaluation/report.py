@@ -39,6 +39,9 @@ from ddm_jax.images import to_uint8
 from ddm_jax.training.checkpoint import config_to_json
 from ddm_jax.training.setup import load_trained
 
+# What a Stable Diffusion job's manifest says of its prompts (generation.plan.prompt_info).
+PROMPT_KEYS = ('prompts', 'num_per_prompt', 'negative_prompt', 'cfg_scale', 'lora_merged')
+
 
 def fmt(v, nd=4):
   if v is None:
@@ -142,7 +145,8 @@ def evaluate_loaded(workdir, trained, settings, ctx=None, out_dir=None, progress
                 'sampler': manifest['sampler'], 'steps': manifest['steps'],
                 'eta': manifest['eta'], 'seconds': manifest.get('seconds'),
                 'samples': os.path.abspath(samples),
-                'samples_checkpoint_step': manifest.get('checkpoint_step')}
+                'samples_checkpoint_step': manifest.get('checkpoint_step'),
+                **{k: manifest[k] for k in PROMPT_KEYS if k in manifest}}
     seed = manifest['seed']
   else:
     plan = _plan(trained, settings)
@@ -150,7 +154,7 @@ def evaluate_loaded(workdir, trained, settings, ctx=None, out_dir=None, progress
     images = run_plan(_generator(config, ddm, trained.mesh, plan, settings), plan,
                       *sampling_params(ddm, trained.params, trained.frozen), progress=progress)
     sampling.update(sampler=plan.sampler, steps=plan.steps, eta=plan.eta,
-                    seconds=time.time() - t0)
+                    seconds=time.time() - t0, **(plan.prompt_info or {}))
     cond_labels, guide_labels, seed = plan.class_labels, plan.guide_labels, settings.seed
   scores, pred = score(ctx, images, cond_labels, guide_labels)
   report = {'workdir': os.path.abspath(workdir), 'checkpoint_step': int(trained.step),
