@@ -1,4 +1,6 @@
-"""What every command line shares: the error wrapper and the `--config.KEY=VALUE` parser."""
+"""What every command line shares: the error wrapper, the `--config.KEY=VALUE` parser and
+`parse`, which every command's arguments go through: it adds the compilation-cache flags
+and switches JAX's persistent compilation cache on before anything is compiled."""
 import functools
 import os
 import sys
@@ -50,6 +52,58 @@ def host_split(host_index=None, num_hosts=None):
     raise DDMError(f'host index {host_index} must be in [0, {num_hosts}) (--host_index, '
                    '--num_hosts)')
   return host_index, num_hosts
+
+
+CACHE_ENV = 'DDM_JAX_CACHE_DIR'   # a folder for the compilation cache, or 'off'
+
+
+def default_cache_dir():
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'ddm_jax', 'jax_cache')
+
+
+def parse(parser, argv, known=False):
+  """`parser.parse_args(argv)` (`parse_known_args` with `known`) with --jax_cache_dir and
+  --no_jax_cache added, then `use_compilation_cache`: every command line parses through
+  this, so each has the same switch and the cache is on before its first compile."""
+  group = parser.add_argument_group('compilation cache')
+  group.add_argument('--jax_cache_dir', default=None,
+                     help=f'persistent XLA compilation cache (default ${CACHE_ENV}, else '
+                          f'{default_cache_dir()}): a second run starts in seconds')
+  group.add_argument('--no_jax_cache', action='store_true',
+                     help='compile everything afresh, without the persistent cache')
+  parsed = parser.parse_known_args(argv) if known else parser.parse_args(argv)
+  args = parsed[0] if known else parsed
+  use_compilation_cache(args.jax_cache_dir, enabled=not args.no_jax_cache)
+  return parsed
+
+
+def use_compilation_cache(cache_dir=None, enabled=True):
+  """Switch on JAX's persistent compilation cache in `cache_dir` (default $DDM_JAX_CACHE_DIR,
+  else the user cache folder) and return the folder in use (None: no cache). A cache the
+  caller has already set (jax_compilation_cache_dir, e.g. from $JAX_COMPILATION_CACHE_DIR,
+  as the tests do) is left alone unless `cache_dir` names one. `enabled=False` or
+  DDM_JAX_CACHE_DIR=off: no persistent cache.
+
+  Every program is cached (minimum compile time 0): a command's many sub-second programs
+  add up to seconds. A damaged or stale entry makes JAX warn and compile again
+  (tests/test_compile_cache.py)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  env = os.environ.get(CACHE_ENV, '')
+  if not enabled or (cache_dir is None and env.lower() in ('off', '0', 'none')):
+    jax.config.update('jax_enable_compilation_cache', False)
+    return None
+  if cache_dir is None and jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  cache_dir = os.path.abspath(os.path.expanduser(cache_dir or env or default_cache_dir()))
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+  except OSError as e:
+    print(f'note: no compilation cache ({cache_dir}: {e.strerror})', file=sys.stderr)
+    return None
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  return cache_dir
 
 
 def cli(fn):

@@ -2,7 +2,7 @@
 import argparse
 import os
 
-from ddm_jax.cli.common import cli, host_split
+from ddm_jax.cli.common import cli, host_split, parse
 from ddm_jax.errors import ConfigError
 from ddm_jax.evaluation.context import EvalSettings
 from ddm_jax.evaluation.report import evaluate_workdir, fmt
@@ -49,7 +49,7 @@ def parse_args(argv):
                  'finishes last writes the report (default: $JAX_NUM_PROCESSES, $SLURM_NTASKS, 1)')
   p.add_argument('--host_index', type=int, default=None,
                  help="this host's index (default: $JAX_PROCESS_ID, $SLURM_PROCID or 0)")
-  return p.parse_args(argv)
+  return parse(p, argv)
 
 
 @cli

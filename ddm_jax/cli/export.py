@@ -2,7 +2,7 @@
 import argparse
 import os
 
-from ddm_jax.cli.common import cli
+from ddm_jax.cli.common import cli, parse
 from ddm_jax.errors import ConfigError
 from ddm_jax.interop.export import export_latent_ddm
 from ddm_jax.training.setup import load_trained
@@ -16,7 +16,7 @@ def main(argv):
   p.add_argument('--workdir', required=True, help='a train.py workdir (latest checkpoint)')
   p.add_argument('--output', required=True, help='folder to write')
   p.add_argument('--no_ema', action='store_true', help='export the raw instead of the EMA weights')
-  args = p.parse_args(argv)
+  args = parse(p, argv)
   trained = load_trained(args.workdir, use_ema=not args.no_ema)
   if not trained.ddm.latent:
     raise ConfigError(f'{args.workdir} is a pixel-space DDM; export is for Stable Diffusion '

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from ddm_jax.cli.common import cli, load_config, split_overrides
+from ddm_jax.cli.common import cli, load_config, parse, split_overrides
 from ddm_jax.errors import ConfigError
 from ddm_jax.experiments.sweep import PRESETS, Plan, Runner, parse_ratio, write_summary
 from ddm_jax.files import write_json
@@ -50,7 +50,7 @@ def parse_args(argv):
   p.add_argument('--eta', type=float, default=None)
   p.add_argument('--guidance_path', default=None, choices=('unet', 'x0'))
   p.add_argument('--grad_clip', type=float, default=None)
-  return p.parse_known_args(argv)
+  return parse(p, argv, known=True)
 
 
 @cli

@@ -4,7 +4,7 @@ import os
 import signal
 
 from ddm_jax import parallel
-from ddm_jax.cli.common import cli, load_config, split_overrides
+from ddm_jax.cli.common import cli, load_config, parse, split_overrides
 from ddm_jax.training.loop import train
 
 
@@ -21,7 +21,7 @@ def main(argv):
                      'TPU/SLURM runtime when --config.train.distributed=True)')
   hosts.add_argument('--num_processes', type=int, default=None, help='default: $JAX_NUM_PROCESSES')
   hosts.add_argument('--process_id', type=int, default=None, help='default: $JAX_PROCESS_ID')
-  args = p.parse_args(rest)
+  args = parse(p, rest)
   config = load_config(args.config, overrides)
   if args.coordinator_address or args.num_processes or args.process_id is not None:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,

@@ -1,0 +1,118 @@
+"""The command lines' persistent compilation cache (ddm_jax.cli.common.parse): on by default
+in the user cache folder, overridable, off with a flag, a cache the caller set is left
+alone, and damaged entries never break a run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, subprocess_env, train_argv
+
+# A fresh interpreter that parses its arguments the way every command line does, then
+# compiles one small program and prints the cache folder in use.
+PROBE = ('import argparse, sys, jax, jax.numpy as jnp\n'
+         'from ddm_jax.cli.common import parse\n'
+         'parse(argparse.ArgumentParser(), sys.argv[1:])\n'
+         'jax.jit(lambda x: jnp.tanh(x) * 2 + 1)(jnp.ones(3)).block_until_ready()\n'
+         'print("cache:", jax.config.jax_compilation_cache_dir '
+         'if jax.config.jax_enable_compilation_cache else None)\n')
+
+
+def _env(tmp_path, **extra):
+  env = subprocess_env(fast_compile=True)
+  for key in ('JAX_COMPILATION_CACHE_DIR', 'DDM_JAX_CACHE_DIR'):
+    env.pop(key, None)
+  env['XDG_CACHE_HOME'] = str(tmp_path / 'xdg')
+  env.update(extra)
+  return env
+
+
+def _probe(tmp_path, *args, **env):
+  proc = subprocess.run([sys.executable, '-c', PROBE, *args], cwd=REPO, env=_env(tmp_path, **env),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout.split('cache:')[-1].strip()
+
+
+def _entries(folder):
+  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_cache_on_by_default_in_the_user_cache_folder(tmp_path):
+  default = tmp_path / 'xdg' / 'ddm_jax' / 'jax_cache'
+  assert _probe(tmp_path) == str(default)
+  assert _entries(default)
+
+
+@pytest.mark.parametrize('how', ['flag', 'env'])
+def test_cache_folder_can_be_chosen(tmp_path, how):
+  folder = tmp_path / 'mine'
+  args, env = (['--jax_cache_dir', str(folder)], {}) if how == 'flag' else (
+      [], {'DDM_JAX_CACHE_DIR': str(folder)})
+  assert _probe(tmp_path, *args, **env) == str(folder)
+  assert _entries(folder)
+  assert not _entries(tmp_path / 'xdg' / 'ddm_jax' / 'jax_cache')
+
+
+@pytest.mark.parametrize('how', ['flag', 'env'])
+def test_cache_can_be_switched_off(tmp_path, how):
+  args, env = (['--no_jax_cache'], {}) if how == 'flag' else ([], {'DDM_JAX_CACHE_DIR': 'off'})
+  assert _probe(tmp_path, *args, **env) == 'None'
+  assert not _entries(tmp_path / 'xdg' / 'ddm_jax' / 'jax_cache')
+
+
+def test_a_cache_the_caller_set_is_left_alone(tmp_path):
+  theirs = tmp_path / 'theirs'
+  assert _probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(theirs)) == str(theirs)
+  assert _entries(theirs)
+  assert not _entries(tmp_path / 'xdg' / 'ddm_jax' / 'jax_cache')
+
+
+def _damage(folder):
+  """Every file in the cache folder damaged, three ways in turn: cut to half, random
+  bytes of the same length, bytes flipped in the middle. Returns how many."""
+  names = _entries(folder)
+  for i, name in enumerate(names):
+    path = os.path.join(folder, name)
+    size = os.path.getsize(path)
+    if i % 3 == 0:
+      os.truncate(path, size // 2)
+    elif i % 3 == 1:
+      with open(path, 'wb') as f:
+        f.write(os.urandom(size))
+    else:
+      with open(path, 'r+b') as f:
+        f.seek(size // 2)
+        chunk = f.read(64)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+  return len(names)
+
+
+def test_damaged_entries_never_break_a_small_program(tmp_path):
+  folder = tmp_path / 'cache'
+  _probe(tmp_path, '--jax_cache_dir', str(folder))
+  assert _damage(folder) > 0
+  assert _probe(tmp_path, '--jax_cache_dir', str(folder)) == str(folder)
+
+
+def test_damaged_cache_never_breaks_train_py(data_dir, tmp_path):
+  """train.py fills a cache, every entry is damaged, train.py runs again from scratch in a
+  new workdir: it compiles again and succeeds."""
+  folder = tmp_path / 'cache'
+
+  def train(workdir):
+    argv = train_argv(data_dir, workdir, '--jax_cache_dir', str(folder),
+                      **{'train.num_steps': 2, 'train.checkpoint_every': 2,
+                         'train.sample_every': 0})
+    proc = subprocess.run([sys.executable, 'train.py'] + argv, cwd=REPO, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert os.path.isdir(workdir / 'checkpoints' / '2'), _entries(workdir / 'checkpoints')
+    return proc
+
+  train(tmp_path / 'first')
+  assert _damage(folder) > 0
+  proc = train(tmp_path / 'second')
+  assert 'persistent compilation cache' in proc.stderr   # JAX warned, read nothing, compiled
