@@ -36,7 +36,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   convolution reverses and transposes the whole kernel every step (a 1x1 convolution's
   at any size). The matmul reads the HWIO kernel as a [taps*C, O] matrix, without a copy
   when every tap touches the input; taps that only ever see padding are dropped, so a 1x1
-  input reads only the kernel's centre (copied out, see `_tap_matmul`). Other backends and other convolutions go to `lax.conv_general_dilated` as before."""
+  input reads only the kernel's centre. Other backends and other convolutions go to
+  `lax.conv_general_dilated` as before."""
   spatial = lhs.shape[1:-1]
   plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
            and all(d == 1 for d in tuple(lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
@@ -53,59 +54,69 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(spatial, rhs.shape[:2], window_strides, padding)
   (plh, phh), (plw, phw) = padding
-  (sh, sw), (h, w), (kh, kw, c, o) = window_strides, spatial, rhs.shape
+  (sh, sw), (h, w), (kh, kw, _, _) = window_strides, spatial, rhs.shape
   oh, ow = (h + plh + phh - kh) // sh + 1, (w + plw + phw - kw) // sw + 1
-  xp = jnp.pad(lhs, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
   touches = lambda tap, stride, pad, size, n: any(0 <= tap + stride * q - pad < size
                                                   for q in range(n))
-  taps = [(i, j) for i in range(kh) for j in range(kw)
-          if touches(i, sh, plh, h, oh) and touches(j, sw, plw, w, ow)]
-  patches = [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (oh - 1) + 1,
-                                          j + sw * (ow - 1) + 1, c), (1, sh, sw, 1))
-             for i, j in taps]
-  x = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
-  if len(taps) == kh * kw:                 # (i, j, c) order, as the patches: no copy
-    return lax.dot_general(x, rhs.reshape(kh * kw * c, o), _IM2COL_DIMS, precision=precision)
-  return _tap_matmul(x, rhs, tuple(taps), precision)
+  taps = tuple((i, j) for i in range(kh) for j in range(kw)
+               if touches(i, sh, plh, h, oh) and touches(j, sw, plw, w, ow))
+  geometry = ((sh, sw), ((plh, phh), (plw, phw)), (oh, ow), taps)
+  if pointwise:   # the patches are the input and the kernel a reshape: nothing is copied
+    return _im2col_dot(lhs, rhs, geometry, precision, None)
+  return _im2col(lhs, rhs, geometry, precision)
 
 
 _IM2COL_DIMS = (((3,), (0,)), ((), ()))
 
 
-def _tap_kernel(rhs, taps, tie):
-  """The kernel's `taps` stacked [len(taps)*C, O]: a copy (XLA has no views), made when
-  `tie` exists. `+ tie[0] * 0` is the data dependence that keeps XLA from computing every
-  copy of the network at the program's start (only the kernels are needed) or hoisting
-  them out of a sampler's loop, and from merging the backward pass's copy with the
-  forward one (XLA:CPU drops optimization barriers before CSE). Float x * 0 is not folded
-  away; a non-finite tie[0] makes the result non-finite, as it would anyway."""
-  k = jnp.concatenate([rhs[i, j] for i, j in taps], axis=0) if len(taps) > 1 else rhs[taps[0]]
-  return k + (tie.reshape(-1)[0] * 0).astype(k.dtype)
+def _tied(x, tie):
+  """`x + tie[0] * 0`: the data dependence that makes XLA compute a copy of `x` when `tie`
+  exists. Without it XLA computes every kernel copy of the network at the program's start
+  (they need only the weights) or hoists them out of a sampler's loop, and merges the
+  backward pass's copies with the forward pass's (XLA:CPU drops optimization barriers
+  before CSE). Float x * 0 is not folded away; a non-finite tie[0] makes the result
+  non-finite, as it would make the result anyway."""
+  return x if tie is None else x + (tie.reshape(-1)[0] * 0).astype(x.dtype)
 
 
-def _tap_dot(x, rhs, taps, precision, tie):
-  return lax.dot_general(x, _tap_kernel(rhs, taps, tie), _IM2COL_DIMS, precision=precision)
+def _im2col_dot(x, rhs, geometry, precision, tie):
+  """The patches of `x` at the kernel taps, [B, oh, ow, taps*C], times those taps of the
+  kernel, [taps*C, O] ((i, j, c) order on both sides)."""
+  (sh, sw), pads, (oh, ow), taps = geometry
+  kh, kw, c, o = rhs.shape
+  xp = jnp.pad(x, ((0, 0),) + pads + ((0, 0),))
+  patches = [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (oh - 1) + 1,
+                                          j + sw * (ow - 1) + 1, c), (1, sh, sw, 1))
+             for i, j in taps]
+  x = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
+  if len(taps) == kh * kw:
+    k = rhs.reshape(kh * kw * c, o)        # no copy
+  else:                                    # a copy (XLA has no views): tied to the input
+    k = _tied(jnp.concatenate([rhs[i, j] for i, j in taps], axis=0) if len(taps) > 1
+              else rhs[taps[0]], tie)
+  return lax.dot_general(x, k, _IM2COL_DIMS, precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _tap_matmul(x, rhs, taps, precision):
-  """x @ (the kernel's `taps`). The backward pass copies the taps again instead of saving
-  the forward pass's copy: saved, every copy in the network is live at once (194 MB of
-  the SD-1.5 LoRA step's 220 MB of temporaries at 4x4 latents, frozen kernels included)."""
-  return _tap_dot(x, rhs, taps, precision, x)
+def _im2col(x, rhs, geometry, precision):
+  """_im2col_dot whose backward pass builds the patches (taps x the input) and the
+  kernel's taps again from the input and the kernel instead of saving the forward pass's:
+  saved, every such copy in the network is live at once (the SD-1.5 LoRA step at 4x4
+  latents: 194 MB of its 220 MB of XLA temporaries were kernel copies, frozen ones too)."""
+  return _im2col_dot(x, rhs, geometry, precision, x)
 
 
-def _tap_matmul_fwd(x, rhs, taps, precision):
-  return _tap_matmul(x, rhs, taps, precision), (x, rhs)
+def _im2col_fwd(x, rhs, geometry, precision):
+  return _im2col(x, rhs, geometry, precision), (x, rhs)
 
 
-def _tap_matmul_bwd(taps, precision, residuals, g):
+def _im2col_bwd(geometry, precision, residuals, g):
   x, rhs = residuals
-  _, vjp = jax.vjp(lambda x, rhs: _tap_dot(x, rhs, taps, precision, g), x, rhs)
+  _, vjp = jax.vjp(lambda x, rhs: _im2col_dot(_tied(x, g), rhs, geometry, precision, g), x, rhs)
   return vjp(g)
 
 
-_tap_matmul.defvjp(_tap_matmul_fwd, _tap_matmul_bwd)
+_im2col.defvjp(_im2col_fwd, _im2col_bwd)
 
 
 def Conv(*args, **kwargs):  # pylint: disable=invalid-name
