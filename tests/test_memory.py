@@ -16,7 +16,7 @@ from ddm_jax.ddm import load_latent_ddm
 from ddm_jax.errors import WeightsError
 from ddm_jax.generation.prompts import inference_params
 from ddm_jax.interop import diffusers
-from ddm_jax.training.setup import release_host_memory
+from ddm_jax.hostmem import release_host_memory
 from tests.sd_helpers import perturbed, sd_config, tiny_folder
 
 

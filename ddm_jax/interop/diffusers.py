@@ -32,6 +32,7 @@ from flax import traverse_util
 
 from ddm_jax.diffusion.schedules import PREDICTION_TYPES, SCHEDULES
 from ddm_jax.errors import WeightsError
+from ddm_jax.hostmem import release_host_memory
 from ddm_jax.models.text_encoder import CLIPTextModel, text_encoder_from_config
 from ddm_jax.models.tokenizer import CLIPTokenizer
 from ddm_jax.models.unet import UNet2DConditionModel, unet_from_config
@@ -199,6 +200,7 @@ def convert(tensors, expected, where: str, rename: Callable[[str], Optional[str]
   if missing:
     more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
     raise WeightsError(f'{where}: missing key {path_to_torch_key(missing[0])!r}{more}')
+  release_host_memory()   # the numpy tensors' freed blocks
   return traverse_util.unflatten_dict(params)
 
 

@@ -2,7 +2,8 @@
 
 mesh -> optimizer -> abstract state (`eval_shape`, nothing allocated) -> replicated
 shardings -> state created already sharded by `jit(out_shardings=...)`, or restored from
-a checkpoint into the same shardings -> frozen weights on the devices -> the jitted step.
+a checkpoint into the same shardings -> frozen weights on the devices -> the jitted step
+(`compile` builds it from shapes alone, before any big array exists, if the caller can).
 Training, loading a trained workdir, the benchmarks and the multi-process test worker
 all go through `TrainSetup`, so they compile the same programs.
 """
@@ -16,6 +17,7 @@ import ml_collections
 from ddm_jax import parallel
 from ddm_jax.ddm import DDM, build_ddm
 from ddm_jax.errors import CheckpointError
+from ddm_jax.hostmem import release_host_memory
 from ddm_jax.training.checkpoint import Checkpointer, config_from_json
 from ddm_jax.training.optim import make_optimizer
 from ddm_jax.training.state import create_train_state
@@ -53,9 +55,11 @@ class TrainSetup:
   def _init(self, rng):
     return self._state_from(self.ddm.init(rng))
 
-  def init_state(self):
-    if self._params is not None:
-      return jax.device_put(self._state_from(self._params), self.shardings)
+  def init_state(self, params=None):
+    """A fresh state: from `params`, or the params given to the constructor, else `ddm.init`."""
+    params = self._params if params is None else params
+    if params is not None:
+      return jax.device_put(self._state_from(params), self.shardings)
     return jax.jit(self._init, out_shardings=self.shardings)(init_key(self.config))
 
   def frozen(self):
@@ -65,6 +69,20 @@ class TrainSetup:
     """The jitted train step(state, batch, frozen) -> (state, metrics), state donated."""
     return jit_train_step(make_train_step(self.ddm, self.config, self.tx), self.shardings,
                           self.data, self.repl)
+
+  def compile(self, batch, frozen):
+    """The step compiled ahead of time from shapes: `batch` and `frozen` may be arrays or
+    `jax.ShapeDtypeStruct`s, the state is `target`. A caller that compiles before it makes
+    the state and the weights keeps XLA's own peak (about 1 GB of host memory for the
+    SD-1.5 step on CPU, BENCHMARKS.md) from sitting on top of them; what the compiler
+    freed is then handed back to the OS."""
+    spec = lambda tree, sharding: jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding,
+                                       weak_type=getattr(a, 'weak_type', False)), tree)
+    compiled = self.step_fn().lower(self.target, spec(batch, self.data),
+                                    spec(frozen, self.repl)).compile()
+    release_host_memory()
+    return compiled
 
 
 @dataclasses.dataclass
