@@ -7,6 +7,10 @@ passes cached latents and a text embedding (the PyTorch reference gets the same)
 LoRA goes through `LatentDDM.model_fn` itself (the UNet from the preset, no VAE or text
 encoder). The state, shardings and step come from `training.setup.TrainSetup`.
 Weights come from benchmarks/weights.py (numpy, identical to the PyTorch side).
+
+Order (the process's peak memory, BENCHMARKS.md "Memory"): the step and the sampler are
+compiled from shapes alone (`compile()`), and the weights are drawn after (`build()`, or
+the first `step()` / `run()`), so XLA's compile-time peak never sits on top of them.
 """
 import time
 
@@ -15,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from benchmarks import inputs, weights
+from benchmarks import inputs, memory, weights
 from benchmarks.presets import LOSS, OPTIM, SCHEDULE
 from ddm_jax import parallel
 from ddm_jax.ddm import DDM, LatentDDM
@@ -25,6 +29,8 @@ from ddm_jax.interop.diffusers import expected_params, path_to_torch_key
 from ddm_jax.models import lora as lora_lib
 from ddm_jax.models.indicator import Indicator
 from ddm_jax.models.unet import unet_from_config
+from ddm_jax.objective import ddm_loss
+from ddm_jax.hostmem import release_host_memory
 from ddm_jax.training.setup import TrainSetup
 
 
@@ -49,10 +55,14 @@ def _unet_dummy(preset, unet):
   return (jnp.zeros((1, r, r, c)), jnp.zeros((1,)), jnp.zeros((1, 1, unet.cross_attention_dim)))
 
 
-def unet_params(preset, unet, seed, dtype=np.float32):
-  """The UNet's params from the shared numpy weights: flax path -> PyTorch key and layout."""
+def unet_params(preset, unet, seed, dtype=np.float32, abstract=False):
+  """The UNet's params from the shared numpy weights: flax path -> PyTorch key and layout
+  (`abstract`: their jax.ShapeDtypeStructs, nothing drawn)."""
   flat = {}
   for path, leaf in expected_params(unet, *_unet_dummy(preset, unet)).items():
+    if abstract:
+      flat[path] = jax.ShapeDtypeStruct(leaf.shape, dtype)
+      continue
     key = path_to_torch_key(path)
     array = weights.draw('unet', key, weights.flax_to_torch_shape(path[-1], leaf.shape), seed)
     flat[path] = jnp.asarray(np.ascontiguousarray(weights.torch_to_flax(array, path[-1])), dtype)
@@ -61,12 +71,16 @@ def unet_params(preset, unet, seed, dtype=np.float32):
   return traverse_util.unflatten_dict(flat)
 
 
-def indicator_params(preset, seed):
+def indicator_params(preset, seed, abstract=False):
   c = preset.unet.get('out_channels', 4)
   chw = (c, preset.latent, preset.latent)
   out = {}
   for key, shape in weights.indicator_layers(chw, preset.indicator_hidden, preset.num_groups):
     _, i, kind = key.split('.')
+    if abstract:
+      out.setdefault(f'layers_{i}', {})['kernel' if kind == 'weight' else 'bias'] = (
+          jax.ShapeDtypeStruct(shape[::-1], jnp.float32))
+      continue
     array = weights.draw('indicator', key, shape, seed)
     if kind == 'weight':
       array = (weights.indicator_first_kernel_to_flax(array, chw) if i == '0' else array.T)
@@ -75,13 +89,19 @@ def indicator_params(preset, seed):
   return out
 
 
-def lora_params(preset, base_params, seed, lora_b_std=0.0):
-  """{dotted flax path: {'lora_A' [in, r], 'lora_B' [r, out]}} from peft-layout arrays."""
+def lora_params(preset, base_params, seed, lora_b_std=0.0, abstract=False):
+  """{dotted flax path: {'lora_A' [in, r], 'lora_B' [r, out]}} from peft-layout arrays
+  (`base_params` may be abstract)."""
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
   flat = traverse_util.flatten_dict(base_params)
   out = {}
   for path in lora_lib.find_targets(base_params, tuple(preset.lora['targets'])):
     d_in, d_out = flat[tuple(path.split('.')) + ('kernel',)].shape
+    if abstract:
+      r = preset.lora['r']
+      out[path] = {'lora_A': jax.ShapeDtypeStruct((d_in, r), jnp.float32),
+                   'lora_B': jax.ShapeDtypeStruct((r, d_out), jnp.float32)}
+      continue
     name = path_to_torch_key(tuple(path.split('.')) + ('kernel',))[:-len('.weight')]
     a, b = weights.lora_arrays(name, d_in, d_out, preset.lora['r'], seed, lora_b_std)
     out[path] = {'lora_A': jnp.asarray(np.ascontiguousarray(a.T)),
@@ -106,9 +126,12 @@ class FullDDM(DDM):
     self.sample_shape = (r, r, self.unet.in_channels)
     self.eps_shape = (r, r, self.unet.out_channels)
 
-  def init(self, rng=None):
-    return {'unet': unet_params(self.preset, self.unet, self.seed),
-            'indicator': indicator_params(self.preset, self.seed)}
+  def init(self, rng=None, abstract=False):
+    return {'unet': unet_params(self.preset, self.unet, self.seed, abstract=abstract),
+            'indicator': indicator_params(self.preset, self.seed, abstract)}
+
+  def frozen(self, abstract=False):
+    return {}
 
   prepare_batch = _latent_cond
 
@@ -124,16 +147,20 @@ class LoraDDM(FullDDM):
   def __init__(self, preset, seed, lora_b_std=0.0):
     super().__init__(preset, seed)
     self.unet_scale = preset.lora['alpha'] / preset.lora['r']
-    self._frozen = {'unet': unet_params(preset, self.unet, seed)}
+    self._frozen = None   # drawn at the first frozen() call
     self._lora_b_std = lora_b_std
 
-  def frozen(self):
+  def frozen(self, abstract=False):
+    if abstract:
+      return {'unet': unet_params(self.preset, self.unet, self.seed, abstract=True)}
+    if self._frozen is None:
+      self._frozen = {'unet': unet_params(self.preset, self.unet, self.seed)}
     return self._frozen
 
-  def init(self, rng=None):
-    return {'unet_lora': lora_params(self.preset, self._frozen['unet'], self.seed,
-                                     self._lora_b_std),
-            'indicator': indicator_params(self.preset, self.seed)}
+  def init(self, rng=None, abstract=False):
+    return {'unet_lora': lora_params(self.preset, self.frozen(abstract=True)['unet'], self.seed,
+                                     self._lora_b_std, abstract),
+            'indicator': indicator_params(self.preset, self.seed, abstract)}
 
   prepare_batch = _latent_cond
 
@@ -143,48 +170,69 @@ def build_ddm(preset, seed=None, lora_b_std=0.0):
   return (LoraDDM if preset.lora else FullDDM)(preset, seed, lora_b_std)
 
 
-class _Compiled:
-  """`compile()` compiles what the subclass's `lower()` returns; it returns the seconds."""
-
-  def compile(self):
-    t0 = time.perf_counter()
-    self.compiled = self.lower().compile()
-    return time.perf_counter() - t0
-
-
-class TrainStep(_Compiled):
-  """The library's compiled step on a fixed batch. `compile()` returns seconds; `step()`
-  runs one step and returns the metrics (not blocked on)."""
+class TrainStep:
+  """The library's compiled step on a fixed batch: `compile()` (from shapes; returns the
+  seconds), then `step()` runs one step (the first one draws the weights) and returns the
+  metrics (not blocked on)."""
 
   def __init__(self, preset, seed=None, lora_b_std=0.0):
     self.preset = preset
     self.ddm = ddm = build_ddm(preset, seed, lora_b_std)
     self.config = run_config(preset)
-    setup = TrainSetup(ddm, self.config, params=ddm.init())
-    self.tx = setup.tx
-    self.state = setup.init_state()
+    self.setup = TrainSetup(ddm, self.config, params=ddm.init(abstract=True))
+    self.tx = self.setup.tx
     b = inputs.train_batch(preset)
-    self.batch = parallel.global_batch(setup.mesh, {
+    self.batch = parallel.global_batch(self.setup.mesh, {
         'latent': inputs.nhwc(b['latents']), 'context': b['context'],
         'label': b['labels'].astype(np.int32)})
-    self.frozen = setup.frozen()
-    self.jitted = setup.step_fn()
-    self.compiled = None
+    self.compiled = self.state = self.frozen = None
 
-  def lower(self):
-    return self.jitted.lower(self.state, self.batch, self.frozen)
+  def compile(self):
+    t0 = time.perf_counter()
+    self.compiled = self.setup.compile(self.batch, self.ddm.frozen(abstract=True))
+    return time.perf_counter() - t0
+
+  def build(self):
+    """The weights and the train state (once)."""
+    if self.state is None:
+      self.state = self.setup.init_state(self.ddm.init())
+      self.frozen = self.setup.frozen()
+      release_host_memory()   # the numpy draws' freed blocks, as load_pipeline does
+    return self
 
   def step(self):
+    self.build()
     self.state, metrics = self.compiled(self.state, self.batch, self.frozen)
     return metrics
 
   def trainable_count(self):
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)))
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(self.setup.target.params)))
+
+  def residuals_mib(self):
+    """MiB the loss's VJP keeps for the backward pass (benchmarks/memory.py), from shapes."""
+    ddm, c = self.ddm, self.config
+
+    def loss(params, frozen, batch):
+      rng = jax.random.key(0)
+      x0, labels, cond = ddm.prepare_batch(frozen, batch, rng)
+      model_fn = lambda p, x_t, t: ddm.model_fn(p, frozen, x_t, t, **cond)
+      return ddm_loss(model_fn, ddm.indicator_fn, params, x0, labels, rng, ddm.sched,
+                      c.loss.w_rec, c.loss.w_ind)[0]
+    return memory.jax_residuals_mib(loss, self.setup.target.params,
+                                    ddm.frozen(abstract=True), self.batch)
+
+  def buffers_mib(self):
+    """MiB of what the step's arguments hold, by kind."""
+    s = self.state
+    return {'params': memory.tree_mib(s.params), 'opt_state': memory.tree_mib(s.opt_state),
+            'ema': memory.tree_mib(s.ema_params), 'frozen': memory.tree_mib(self.frozen),
+            'batch': memory.tree_mib(self.batch)}
 
   def draws(self, step=None):
     """The (noise NHWC, timesteps) the library's step draws at `step` (training/step.py:
     fold_in(key(seed), step) -> split -> k_loss; objective.ddm_loss: split -> t, noise)."""
-    step = int(self.state.step) if step is None else step
+    if step is None:
+      step = 0 if self.state is None else int(self.state.step)
     rng = jax.random.fold_in(jax.random.key(self.config.train.seed), step)
     _, k_loss = jax.random.split(rng)
     k_t, k_n = jax.random.split(k_loss)
@@ -193,22 +241,23 @@ class TrainStep(_Compiled):
     return np.asarray(jax.random.normal(k_n, x0.shape, jnp.float32)), np.asarray(t)
 
 
-class Sampler(_Compiled):
+class Sampler:
   """40 DDIM steps with classifier-free guidance as one compiled `lax.scan`
-  (ddm_jax.diffusion.samplers.ddim + make_denoiser); the UNet runs on [uncond; cond]."""
+  (ddm_jax.diffusion.samplers.ddim + make_denoiser); the UNet runs on [uncond; cond].
+  `compile()` from shapes, then `run()` (the first one draws the weights)."""
 
   def __init__(self, preset, seed=None):
     self.preset = p = preset
-    seed = p.seed if seed is None else seed
+    self.seed = p.seed if seed is None else seed
     self.unet = unet = build_unet(p)
     # bfloat16 presets hold bf16 weights (load_pipeline(param_dtype=bf16)), as the torch side.
-    pdtype = jnp.bfloat16 if p.dtype == 'bfloat16' else jnp.float32
-    self.params = unet_params(p, unet, seed, pdtype)
+    self.pdtype = jnp.bfloat16 if p.dtype == 'bfloat16' else jnp.float32
+    self.params = None
     self.sched = make_schedule(SCHEDULE['beta_schedule'], SCHEDULE['num_train_timesteps'],
                                SCHEDULE['beta_start'], SCHEDULE['beta_end'], 'epsilon')
     ins = inputs.sample_inputs(p)
     self.x_t = jnp.asarray(inputs.nhwc(ins['x_T']))
-    self.context = jnp.asarray(ins['context'], pdtype)
+    self.context = jnp.asarray(ins['context'], self.pdtype)
     scale, steps, sched = p.guidance_scale, p.sample_steps, self.sched
 
     def run(params, context, x):
@@ -223,10 +272,21 @@ class Sampler(_Compiled):
     self.jitted = jax.jit(run)
     self.compiled = None
 
-  def lower(self):
-    return self.jitted.lower(self.params, self.context, self.x_t)
+  def compile(self):
+    t0 = time.perf_counter()
+    shapes = unet_params(self.preset, self.unet, self.seed, self.pdtype, abstract=True)
+    self.compiled = self.jitted.lower(shapes, self.context, self.x_t).compile()
+    release_host_memory()
+    return time.perf_counter() - t0
+
+  def build(self):
+    if self.params is None:
+      self.params = unet_params(self.preset, self.unet, self.seed, self.pdtype)
+      release_host_memory()
+    return self
 
   def run(self, x_t=None):
+    self.build()
     return self.compiled(self.params, self.context, self.x_t if x_t is None else x_t)
 
 

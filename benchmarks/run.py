@@ -77,6 +77,20 @@ def _best(variants):
   return min(variants, key=lambda k: variants[k]['summary']['median']) if variants else None
 
 
+def _memory_summary(runs):
+  """Where one framework's memory went (benchmarks/memory.py, from its processes' results):
+  the RSS at each phase (median over processes) and the first process's byte counts."""
+  phases = {}
+  for r in runs:
+    for label, at in r.get('memory', {}).get('phases', {}).items():
+      phases.setdefault(label, []).append(at['rss'])
+  out = {'rss_at_mib': {k: metrics.summary(v)['median'] for k, v in phases.items()}}
+  for key in ('xla_memory_mib', 'buffers_mib', 'residuals_mib', 'tensors_mib', 'saved_mib'):
+    if runs and key in runs[0]:
+      out[key] = runs[0][key]
+  return out
+
+
 def aggregate(preset, jax_runs, torch_runs, peaks, loads):
   """The per-preset JSON line from the workers' results (pure; unit-tested).
 
@@ -139,6 +153,10 @@ def aggregate(preset, jax_runs, torch_runs, peaks, loads):
       line['jax_compile_cached_s'] = metrics.summary([r['compile_s'] for r in jr[1:]])
     line['jax_first_call_s'] = metrics.summary([r['first_call_s'] for r in jr])
     line['jax_peak_rss_mib'] = max(r['peak_rss_mib'] for r in every_jax)
+    if len(cold) < len(jr):   # the compiler's own peak is paid by cold processes only
+      line['jax_peak_rss_cold_mib'] = max(r['peak_rss_mib'] for r in (cold or jr[:1]))
+      line['jax_peak_rss_cached_mib'] = max(r['peak_rss_mib'] for r in jr[1:])
+    line['jax_memory'] = _memory_summary(jr)
     if any('device_peak_mib' in r for r in jr):
       line['jax_device_peak_mib'] = max(r.get('device_peak_mib', 0) for r in jr)
     line['flops_per_step'] = jr[0].get('flops')
@@ -148,6 +166,7 @@ def aggregate(preset, jax_runs, torch_runs, peaks, loads):
     tr = tv[tb]['runs']
     line['torch_first_step_s'] = metrics.summary([r['first_call_s'] for r in tr])
     line['torch_peak_rss_mib'] = max(r['peak_rss_mib'] for v in tv.values() for r in v['runs'])
+    line['torch_memory'] = _memory_summary(tr)
     if any('device_peak_mib' in r for r in tr):
       line['torch_device_peak_mib'] = max(r.get('device_peak_mib', 0) for r in tr)
     t0 = tr[0]

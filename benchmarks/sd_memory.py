@@ -1,6 +1,7 @@
 """Peak memory and step time of a LoRA + indicator train step on a full SD-1.5-sized UNet.
 
 python benchmarks/sd_memory.py [--steps=3] [--resolution=32] [--batch=1] [--remat] [--dtype=bfloat16]
+SD_MEMORY_COMPILE_ONLY=1 python benchmarks/sd_memory.py --resolution=512 --batch=8 --remat --dtype=bfloat16
 
 The UNet has diffusers' SD-1.5 config (860M parameters); its weights are random, drawn
 with numpy one tensor at a time and turned into jax arrays (no download, no
@@ -10,8 +11,12 @@ on 4x4 latents (32x32 images) with a fixed 77-token text context: UNet LoRA r 8 
 32 on to_q/to_v + the reference indicator (4*4*4 -> 1024 -> 512 -> 2), loss
 w_rec*MSE + w_ind*CE. The VAE encoder and the text encoder are left out, as in the
 PyTorch reference figure (SD-1.5 UNet LoRA step at 4x4 latents, batch 1: about 1.0 s/step,
-3.6 GiB RSS on the 2-core CPU). Prints one JSON line: peak RSS (ru_maxrss) after the
-weights are built, after compiling and after the steps; compile time; seconds per step.
+3.6 GiB RSS on the 2-core CPU). The step is compiled from shapes first, the weights are
+drawn after (as benchmarks/jax_side.py does). Prints one JSON line: XLA's memory analysis
+of the compiled step, peak RSS after compiling, after the weights and after the steps,
+the RSS phases, compile time, seconds per step. SD_MEMORY_COMPILE_ONLY=1 stops after the
+compile: no weights are ever made, so the 512x512 program's memory analysis needs
+neither a GPU nor the host memory of the weights.
 """
 import argparse
 import json
@@ -28,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
+from benchmarks import memory  # noqa: E402
 from ddm_jax.config import load_config_file  # noqa: E402
 from ddm_jax.diffusion.schedules import make_schedule  # noqa: E402
 from ddm_jax.interop.diffusers import expected_params  # noqa: E402
@@ -52,13 +58,17 @@ def peak_rss_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
 
-def random_params(module, seed, *inputs):
+def random_params(module, seed, *inputs, abstract=False):
   """Weights ~ N(0, 1/fan_in), norms 1 + N(0, 0.1^2), biases N(0, 0.02^2), drawn in numpy
-  one tensor at a time; each numpy array is dropped once its jax copy exists."""
+  one tensor at a time; each numpy array is dropped once its jax copy exists.
+  `abstract`: their jax.ShapeDtypeStructs."""
   rng = np.random.default_rng(seed)
   out = {}
   for path, leaf in expected_params(module, *inputs).items():
     shape = leaf.shape
+    if abstract:
+      out[path] = jax.ShapeDtypeStruct(shape, jnp.float32)
+      continue
     z = rng.standard_normal(shape, dtype=np.float32)
     if path[-1] in ('kernel', 'embedding'):
       z *= np.float32((np.prod(shape[:-1]) if path[-1] == 'kernel' else shape[-1]) ** -0.5)
@@ -104,43 +114,54 @@ def main(argv):
   p.add_argument('--remat', action='store_true')
   p.add_argument('--dtype', default='float32', help='compute dtype (params stay float32)')
   args = p.parse_args(argv)
-  t_start = time.time()
+  timeline = memory.RssTimeline()
   config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), 'configs', 'sd15_lora.py'))
   unet = unet_from_config(SD15_UNET, dtype=jnp.dtype(args.dtype), remat=args.remat)
   r, b = args.resolution // 8, args.batch
-  base = random_params(unet, 0, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
-                       jnp.zeros((1, 1, SD15_UNET['cross_attention_dim'])))
-  n_base = sum(x.size for x in jax.tree_util.tree_leaves(base))
-  rss_weights = peak_rss_gib()
-  t_weights = time.time() - t_start
-
+  dummy = (jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 1, SD15_UNET['cross_attention_dim'])))
+  shapes = random_params(unet, 0, *dummy, abstract=True)
+  n_base = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
   indicator = Indicator(2, tuple(config.indicator.hidden))
   sched = make_schedule('scaled_linear', 1000, 0.00085, 0.012)
-  model = UNetLoRA(config, unet, base, indicator, sched, r)
+  model = UNetLoRA(config, unet, shapes, indicator, sched, r)
   setup = TrainSetup(model, config)
-  state = setup.init_state()
-  n_train = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   rng = np.random.default_rng(0)
   batch = {'latent': rng.standard_normal((b, r, r, 4)).astype(np.float32),
            'label': (np.arange(b) % 2).astype(np.int32),
            'context': rng.standard_normal((b, 77, 768)).astype(np.float32)}
   batch = jax.device_put(batch, setup.data)
-  frozen = setup.frozen()
-  step = setup.step_fn()
+  timeline.mark('imported')
 
   t0 = time.time()
-  compiled = step.lower(state, batch, frozen).compile()
+  compiled = setup.compile(batch, model.frozen())     # from shapes: no weights exist yet
   t_compile = time.time() - t0
+  timeline.mark('compiled')
   rss_compiled = peak_rss_gib()
   mem = compiled.memory_analysis()
   xla_mem = {k: round(getattr(mem, k) / GIB, 3) for k in (
       'argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
       'alias_size_in_bytes', 'generated_code_size_in_bytes') if hasattr(mem, k)} if mem else None
+  common = {'image_resolution': args.resolution, 'latent': [r, r, 4], 'batch': b,
+            'remat': args.remat, 'dtype': args.dtype, 'base_params': int(n_base),
+            'xla_memory_gib': xla_mem, 'compile_s': round(t_compile, 1),
+            'rss_after_compile_gib': round(rss_compiled, 3), 'backend': jax.default_backend(),
+            'load_avg_1m': round(os.getloadavg()[0], 2), 'jax': jax.__version__}
   if os.environ.get('SD_MEMORY_COMPILE_ONLY'):
-    print(json.dumps({'xla_memory_gib': xla_mem, 'compile_s': round(t_compile, 1),
-                      'rss_after_compile_gib': round(rss_compiled, 3)}))
+    if mem:
+      common['xla_total_gib'] = round((mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / GIB, 3)
+    print(json.dumps({'benchmark': 'sd15_unet_lora_compile_only', **common,
+                      'memory': timeline.result()}))
     return
+  t0 = time.time()
+  model._frozen = {'unet': random_params(unet, 0, *dummy)}  # pylint: disable=protected-access
+  state = setup.init_state()
+  frozen = setup.frozen()
+  t_weights = time.time() - t0
+  timeline.mark('built')
+  rss_weights = peak_rss_gib()
+  n_train = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   t0 = time.time()
   state, metrics = compiled(state, batch, frozen)
   jax.block_until_ready(metrics)
@@ -151,20 +172,17 @@ def main(argv):
     state, metrics = compiled(state, batch, frozen)
     jax.block_until_ready(metrics)
     times.append(time.time() - t0)
+  timeline.mark('timed')
   loss = float(metrics['loss'])
   print(json.dumps({
-      'benchmark': 'sd15_unet_lora_indicator_train_step', 'image_resolution': args.resolution,
-      'latent': [r, r, 4], 'batch': b, 'remat': args.remat, 'dtype': args.dtype,
-      'base_params': int(n_base), 'trainable_params': int(n_train),
-      'peak_rss_gib': round(peak_rss_gib(), 3), 'rss_after_weights_gib': round(rss_weights, 3),
-      'rss_after_compile_gib': round(rss_compiled, 3), 'weights_s': round(t_weights, 1),
-      'xla_memory_gib': xla_mem, 'compile_s': round(t_compile, 1), 'first_step_s': round(t_first, 3),
+      'benchmark': 'sd15_unet_lora_indicator_train_step', **common,
+      'trainable_params': int(n_train), 'peak_rss_gib': round(peak_rss_gib(), 3),
+      'rss_after_weights_gib': round(rss_weights, 3), 'weights_s': round(t_weights, 1),
+      'first_step_s': round(t_first, 3),
       'step_s_median': round(float(np.median(times)), 3) if times else None,
       'step_s_all': [round(x, 3) for x in times], 'loss': loss, 'finite': bool(np.isfinite(loss)),
-      'devices': jax.device_count(), 'backend': jax.default_backend(),
-      'cpu_count': os.cpu_count(), 'load_avg_1m': round(os.getloadavg()[0], 2),
-      'machine': platform.machine(), 'jax': jax.__version__,
-      'reference_pytorch': {'peak_rss_gib': 3.6, 'step_s': 1.0}}))
+      'devices': jax.device_count(), 'cpu_count': os.cpu_count(),
+      'machine': platform.machine(), 'memory': timeline.result()}))
 
 
 if __name__ == '__main__':

@@ -10,6 +10,13 @@ Prints one line `BENCH_RESULT {json}` (benchmarks/run.py reads it). A process im
 only its own framework. Timed: `preset.steps` steps (or sampling runs) after
 compilation and `preset.warmup` untimed steps; each timed step ends with the loss
 (or the samples) on the host, as the reference loop's `loss.item()` does.
+
+Memory (benchmarks/memory.py): `memory.phases` is the RSS and its peak so far at each
+phase (imported, compiled, built: weights and state, warm, timed), `memory.samples` the
+RSS over time; JAX adds XLA's memory analysis of the program (`xla_memory_mib`), the
+step's arguments by kind (`buffers_mib`) and the residuals kept for the backward pass
+(`residuals_mib`); PyTorch its tensors by kind (`tensors_mib`) and what autograd saves
+for the backward pass (`saved_mib`, one extra step after the timed ones).
 """
 import argparse
 import json
@@ -21,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import metrics  # noqa: E402
+from benchmarks import memory, metrics  # noqa: E402
 from benchmarks.presets import parse_preset  # noqa: E402
 
 MARK = 'BENCH_RESULT '
@@ -62,7 +69,7 @@ def _timed(fn, n, budget_s=0.0, usage=None):
 XLA_ONE_THREAD = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 
 
-def run_jax(preset, allow_cpu, budget_s=0.0, threads=0):
+def run_jax(preset, allow_cpu, budget_s=0.0, threads=0, timeline=None):
   if threads == 1:   # before jax is imported: XLA reads its flags once
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + XLA_ONE_THREAD).strip()
   elif threads:
@@ -79,14 +86,22 @@ def run_jax(preset, allow_cpu, budget_s=0.0, threads=0):
              jax_cache=bool(os.environ.get('JAX_COMPILATION_CACHE_DIR')))
   if preset.accelerator and jax.default_backend() == 'cpu' and not allow_cpu:
     return {**out, 'skipped': 'no accelerator (preset is for a GPU; --allow-cpu forces it)'}
-  t0 = time.perf_counter()
-  if preset.kind == 'train':
-    bench = jax_side.TrainStep(preset)
-    out['trainable_params'] = bench.trainable_count()
-  else:
-    bench = jax_side.Sampler(preset)
-  out['build_s'] = time.perf_counter() - t0
+  timeline.mark('imported')
+  # Compiled from shapes first, the weights drawn after: XLA's compile-time peak never
+  # meets them (jax_side's docstring).
+  bench = jax_side.TrainStep(preset) if preset.kind == 'train' else jax_side.Sampler(preset)
   out['compile_s'] = bench.compile()
+  timeline.mark('compiled')
+  t0 = time.perf_counter()
+  bench.build()
+  out['build_s'] = time.perf_counter() - t0
+  timeline.mark('built')
+  out['xla_memory_mib'] = memory.xla_memory_mib(bench.compiled)
+  if preset.kind == 'train':
+    out['trainable_params'] = bench.trainable_count()
+    out['buffers_mib'] = bench.buffers_mib()
+  else:
+    out['buffers_mib'] = {'params': memory.tree_mib(bench.params)}
   flops = metrics.xla_flops(bench.compiled)
   if preset.kind == 'train':
     out['flops'] = flops
@@ -97,10 +112,13 @@ def run_jax(preset, allow_cpu, budget_s=0.0, threads=0):
     out['flops'] = metrics.scan_flops(flops, preset.sample_steps)
     one = lambda: np.asarray(bench.run())
   warm = _timed(one, preset.warmup)
+  timeline.mark('warm')
   times = _timed(one, preset.steps, budget_s, usage=out)
+  timeline.mark('timed')
   if preset.kind == 'train':
     jax.block_until_ready(bench.state)
     out['loss_first'], out['loss_last'] = losses[0], losses[-1]
+    out['residuals_mib'] = bench.residuals_mib()
   out.update(first_call_s=warm[0], warmup_s=warm, step_s=times)
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
@@ -108,7 +126,7 @@ def run_jax(preset, allow_cpu, budget_s=0.0, threads=0):
   return out
 
 
-def run_torch(preset, allow_cpu, threads=0, budget_s=0.0):
+def run_torch(preset, allow_cpu, threads=0, budget_s=0.0, timeline=None):
   import torch  # pylint: disable=import-outside-toplevel
   from benchmarks import torch_ref  # pylint: disable=import-outside-toplevel
   if threads:
@@ -122,6 +140,9 @@ def run_torch(preset, allow_cpu, threads=0, budget_s=0.0):
     return {**out, 'skipped': 'no accelerator (preset is for a GPU; --allow-cpu forces it)'}
   import diffusers  # pylint: disable=import-outside-toplevel
   out['diffusers_version'] = diffusers.__version__
+  if preset.kind == 'train' and preset.lora:
+    import peft  # pylint: disable=import-outside-toplevel,unused-import
+  timeline.mark('imported')
   t0 = time.perf_counter()
   if preset.kind == 'train':
     bench = torch_ref.TrainStep(preset, device)
@@ -131,6 +152,7 @@ def run_torch(preset, allow_cpu, threads=0, budget_s=0.0):
   else:
     bench = torch_ref.Sampler(preset, device)
   out['build_s'] = time.perf_counter() - t0
+  timeline.mark('built')
   out['attention_processors'] = torch_ref.attention_processors(bench.unet)
   out['sdpa'] = all(p == 'AttnProcessor2_0' for p in out['attention_processors'])
   out['channels_last'] = False
@@ -144,12 +166,26 @@ def run_torch(preset, allow_cpu, threads=0, budget_s=0.0):
       bench.sync()
       x.float().cpu()
   warm = _timed(one, preset.warmup)
+  timeline.mark('warm')
   times = _timed(one, preset.steps, budget_s, usage=out)
+  timeline.mark('timed')
   if preset.kind == 'train':
     out['loss_first'], out['loss_last'] = losses[0], losses[-1]
+    params = list(bench.params())
+    trainable = [t for t in params if t.requires_grad]
+    state = [v for st in bench.opt.state.values() for v in st.values()
+             if torch.is_tensor(v) and v.dim()]
+    out['tensors_mib'] = {'params': memory.torch_tensors_mib(params),
+                          'trainable': memory.torch_tensors_mib(trainable),
+                          'grads (as trainable)': memory.torch_tensors_mib(trainable),
+                          'opt_state': memory.torch_tensors_mib(state)}
+    out['saved_mib'] = memory.torch_saved_mib(one, exclude=params)
+  else:
+    out['tensors_mib'] = {'params': memory.torch_tensors_mib(list(bench.unet.parameters()))}
   out.update(first_call_s=warm[0], warmup_s=warm, step_s=times)
   if device.type == 'cuda':
     out['device_peak_mib'] = torch.cuda.max_memory_allocated() / 2 ** 20
+    out['device_reserved_peak_mib'] = torch.cuda.max_memory_reserved() / 2 ** 20
   return out
 
 
@@ -192,6 +228,7 @@ def main(argv=None):
                   help='stop timing after this many seconds of timed steps (at least 2 steps)')
   args = ap.parse_args(argv)
   t0 = time.perf_counter()
+  timeline = memory.RssTimeline()
   if args.framework.startswith('peak'):
     out = run_peak(args.framework, args.threads)
   else:
@@ -199,12 +236,12 @@ def main(argv=None):
       ap.error('a preset spec is required')
     preset = parse_preset(args.preset)
     if args.framework == 'jax':
-      out = run_jax(preset, args.allow_cpu, args.budget, args.threads)
+      out = run_jax(preset, args.allow_cpu, args.budget, args.threads, timeline)
     else:
-      out = run_torch(preset, args.allow_cpu, args.threads, args.budget)
+      out = run_torch(preset, args.allow_cpu, args.threads, args.budget, timeline)
     out['spec'] = args.preset
   out.update(peak_rss_mib=_rss_mib(), wall_s=time.perf_counter() - t0,
-             load_end=os.getloadavg()[0])
+             load_end=os.getloadavg()[0], memory=timeline.result())
   print(MARK + json.dumps(out), flush=True)
 
 
