@@ -29,7 +29,6 @@ from ddm_jax.interop.diffusers import expected_params, path_to_torch_key
 from ddm_jax.models import lora as lora_lib
 from ddm_jax.models.indicator import Indicator
 from ddm_jax.models.unet import unet_from_config
-from ddm_jax.objective import ddm_loss
 from ddm_jax.hostmem import release_host_memory
 from ddm_jax.training.setup import TrainSetup
 
@@ -210,16 +209,8 @@ class TrainStep:
 
   def residuals_mib(self):
     """MiB the loss's VJP keeps for the backward pass (benchmarks/memory.py), from shapes."""
-    ddm, c = self.ddm, self.config
-
-    def loss(params, frozen, batch):
-      rng = jax.random.key(0)
-      x0, labels, cond = ddm.prepare_batch(frozen, batch, rng)
-      model_fn = lambda p, x_t, t: ddm.model_fn(p, frozen, x_t, t, **cond)
-      return ddm_loss(model_fn, ddm.indicator_fn, params, x0, labels, rng, ddm.sched,
-                      c.loss.w_rec, c.loss.w_ind)[0]
-    return memory.jax_residuals_mib(loss, self.setup.target.params,
-                                    ddm.frozen(abstract=True), self.batch)
+    return memory.train_residuals_mib(self.ddm, self.config, self.setup.target.params,
+                                      self.ddm.frozen(abstract=True), self.batch)
 
   def buffers_mib(self):
     """MiB of what the step's arguments hold, by kind."""

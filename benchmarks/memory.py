@@ -118,3 +118,18 @@ def torch_saved_mib(run, exclude=()):
 def torch_tensors_mib(tensors):
   seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
   return sum(seen.values()) / MIB
+
+
+def train_residuals_mib(ddm, config, params, frozen, batch):
+  """`jax_residuals_mib` of the DDM train step's loss (training/step.py's wiring, fixed
+  keys): what the backward pass of `ddm` keeps, from shapes alone."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ddm_jax.objective import ddm_loss  # pylint: disable=import-outside-toplevel
+
+  def loss(params, frozen, batch):
+    rng = jax.random.key(0)
+    x0, labels, cond = ddm.prepare_batch(frozen, batch, rng)
+    model_fn = lambda p, x_t, t: ddm.model_fn(p, frozen, x_t, t, **cond)
+    return ddm_loss(model_fn, ddm.indicator_fn, params, x0, labels, rng, ddm.sched,
+                    config.loss.w_rec, config.loss.w_ind)[0]
+  return jax_residuals_mib(loss, params, frozen, batch)

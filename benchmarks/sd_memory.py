@@ -148,6 +148,10 @@ def main(argv):
             'rss_after_compile_gib': round(rss_compiled, 3), 'backend': jax.default_backend(),
             'load_avg_1m': round(os.getloadavg()[0], 2), 'jax': jax.__version__}
   if os.environ.get('SD_MEMORY_COMPILE_ONLY'):
+    # before XLA: what the VJP keeps, which remat changes (XLA:CPU undoes remat, see
+    # BENCHMARKS.md "Memory"; its temporaries above are those of a program without it)
+    common['residuals_gib'] = round(memory.train_residuals_mib(
+        model, config, setup.target.params, model.frozen(), batch) / 1024, 3)
     if mem:
       common['xla_total_gib'] = round((mem.argument_size_in_bytes + mem.output_size_in_bytes
                                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / GIB, 3)

@@ -6,7 +6,8 @@ For each command and round: a fresh, empty cache folder (cold), then the same co
 again on it (warm). Each run is a real `python train.py ...` (etc.) process; measured from
 its start to the first step's metrics row in metrics.jsonl (train.py, log_every=1), to the
 first PNG (sample.py), to its exit (evaluate.py: a small report; the evaluator classifier
-is trained once beforehand, outside the measurement); its exit is reported too. With
+is trained once beforehand, outside the measurement); its exit and its peak RSS are
+reported too. With
 JAX_LOG_COMPILES, each run also counts its XLA compiles, persistent-cache hits and the
 programs compiled more than once with the same input signature.
 
@@ -51,19 +52,29 @@ def _metrics_row(workdir):
 def timed(argv, ready=lambda: False, timeout=1800):
   """Runs `python ARGV`; seconds to `ready()` (polled every 20 ms) and to exit, plus
   the compile counts from JAX's compile log."""
-  t0 = time.perf_counter()
-  proc = subprocess.Popen([sys.executable] + argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  t_ready = None
-  while proc.poll() is None and time.perf_counter() - t0 < timeout:
-    if t_ready is None and ready():
-      t_ready = time.perf_counter() - t0
-    time.sleep(0.02)
-  out, err = proc.communicate(timeout=60)
-  t_exit = time.perf_counter() - t0
-  result = {'rc': proc.returncode, 'first_s': round(t_ready if t_ready else t_exit, 2),
-            'exit_s': round(t_exit, 2), **compile_counts(err)}
-  if proc.returncode:
+  with tempfile.TemporaryFile('w+') as log:   # a pipe would fill up and block the child
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable] + argv, cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=log)
+    t_ready, status = None, None
+    while status is None and time.perf_counter() - t0 < timeout:
+      if t_ready is None and ready():
+        t_ready = time.perf_counter() - t0
+      pid, code, usage = os.wait4(proc.pid, os.WNOHANG)   # reaped here: its rusage too
+      status = (code, usage) if pid else None
+      time.sleep(0.02)
+    if status is None:
+      proc.kill()
+      _, code, usage = os.wait4(proc.pid, 0)
+      status = (code, usage)
+    t_exit = time.perf_counter() - t0
+    log.seek(0)
+    err = log.read()
+  rc = proc.returncode = os.waitstatus_to_exitcode(status[0])
+  result = {'rc': rc, 'first_s': round(t_ready if t_ready else t_exit, 2),
+            'exit_s': round(t_exit, 2), 'peak_rss_mib': round(status[1].ru_maxrss / 1024),
+            **compile_counts(err)}
+  if rc:
     result['stderr_tail'] = err[-1500:]
   return result
 

@@ -79,14 +79,14 @@ def _local(leaf):
 
 
 def state_digest(state):
-  """sha256 over every leaf's path, dtype, shape and bytes (one device-to-host copy)."""
-  items = jax.tree_util.tree_leaves_with_path(state)
-  arrays = jax.device_get([_local(leaf) for _, leaf in items])
+  """sha256 over every leaf's path, dtype, shape and bytes. One leaf is on the host at a
+  time, hashed in place (the whole state fetched at once, plus `tobytes`, held a second
+  copy of it on the host: the train state of a full fine-tune on an accelerator)."""
   h = hashlib.sha256()
-  for (path, _), array in zip(items, arrays):
-    array = np.ascontiguousarray(array)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    array = np.ascontiguousarray(jax.device_get(_local(leaf)))
     h.update(f'{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}\n'.encode())
-    h.update(array.tobytes())
+    h.update(array.reshape(-1).view(np.uint8))
   return h.hexdigest()
 
 

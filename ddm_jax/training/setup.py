@@ -43,7 +43,11 @@ class TrainSetup:
     self.data = parallel.batch_sharding(self.mesh)
     self.tx = make_optimizer(config.optim, config.train.num_steps)
     self._params = params
-    abstract = (jax.eval_shape(self._init, init_key(config)) if params is None
+    # The init is traced once: its abstract result here, its program in init_state (a
+    # second trace of the model's init was ~1 s of a warm train.py start).
+    self._traced_init = (jax.jit(self._init, out_shardings=self.repl).trace(init_key(config))
+                         if params is None else None)
+    abstract = (self._traced_init.out_info if params is None
                 else jax.eval_shape(self._state_from, params))
     self.shardings = jax.tree_util.tree_map(lambda _: self.repl, abstract)
     self.target = jax.tree_util.tree_map(
@@ -60,7 +64,7 @@ class TrainSetup:
     params = self._params if params is None else params
     if params is not None:
       return jax.device_put(self._state_from(params), self.shardings)
-    return jax.jit(self._init, out_shardings=self.shardings)(init_key(self.config))
+    return self._traced_init.lower().compile()(init_key(self.config))
 
   def frozen(self):
     return jax.device_put(self.ddm.frozen(), self.repl)
