@@ -1,5 +1,4 @@
 """Trains and evaluates the sweep's cells, recording each finished evaluation."""
-import json
 import os
 import time
 
@@ -7,32 +6,11 @@ import numpy as np
 
 from ddm_jax import data as data_lib
 from ddm_jax import pseudo_labels as pl
-from ddm_jax.evaluation.context import EvalContext, EvalSettings, true_group_data_cfg
-from ddm_jax.evaluation.report import evaluate_loaded
+from ddm_jax.evaluation.context import EvalSettings, true_group_data_cfg
+from ddm_jax.experiments.cells import Evaluations, report_row, train_once
 from ddm_jax.experiments.sweep.plan import cell_config, cell_id, run_name
 from ddm_jax.experiments.sweep.store import Results
-from ddm_jax.files import write_text
 from ddm_jax.training.loop import train as train_workdir
-from ddm_jax.training.setup import load_trained
-
-
-def _row(report, **extra):
-  """The figures of one evaluation report the summary needs, flattened into one row."""
-  f, q, ind = report['fairness'], report['quality'], report.get('indicator') or {}
-  row = dict(extra)
-  row.update(
-      fd=f['fd'], fd_paper=f.get('fd_paper'), kl=f['kl'], proportions=f['proportions'],
-      ci95_lo=f['ci95_lo'], ci95_hi=f['ci95_hi'], guide_hit_rate=f.get('guide_hit_rate'),
-      fcd=q['fcd'], fcd_vs_train=q['fcd_vs_train'], fcd_within_group_mean=q['fcd_within_group_mean'],
-      precision=q['precision'], recall=q['recall'], noise_floor_fcd=q['noise_floor_fcd'],
-      noise_floor_precision=q['noise_floor_precision'], noise_floor_recall=q['noise_floor_recall'],
-      indicator_entropy=ind.get('entropy_mean'), indicator_entropy_std=ind.get('entropy_std'),
-      indicator_accuracy=ind.get('accuracy'),
-      train_proportions=report['data']['train_proportions'],
-      evaluator_accuracy=report['data']['evaluator']['heldout_accuracy'],
-      sample_seconds=report['sampling']['seconds'], num_samples=report['num_samples'],
-      checkpoint_step=report['checkpoint_step'], workdir=report['workdir'])
-  return row
 
 
 class Runner:
@@ -42,7 +20,7 @@ class Runner:
     self.base, self.plan, self.out = base_config, plan, out_dir
     self.log = log
     self.results = Results(os.path.join(out_dir, 'results.jsonl'))
-    self._ctx = {}
+    self._evaluations = Evaluations()
     self._train_fn = train_fn
     self._evaluate_fn = evaluate_fn
 
@@ -55,17 +33,7 @@ class Runner:
   def evaluate(self, workdir, settings, out_dir, with_indicator=True):
     if self._evaluate_fn:
       return self._evaluate_fn(workdir, settings, out_dir)
-    trained = load_trained(workdir)
-    # One evaluator context per real-data setup: models that differ only in ratio, alpha
-    # or seed share the evaluator, its reference features and the noise floor.
-    key = json.dumps(true_group_data_cfg(trained.config.data).to_dict(), sort_keys=True,
-                     default=str)
-    if key not in self._ctx:
-      self._ctx[key] = EvalContext(trained.config, settings)
-    ctx = self._ctx[key]
-    ctx.settings = settings.validate()
-    return evaluate_loaded(workdir, trained, settings, ctx=ctx, out_dir=out_dir,
-                           with_indicator=with_indicator)
+    return self._evaluations(workdir, settings, out_dir, with_indicator)
 
   def settings(self, seed, guidance='none', scale=0.0):
     p = self.plan
@@ -78,18 +46,9 @@ class Runner:
     name = run_name(ratio, alpha, seed, pseudo)
     workdir = os.path.join(self.out, 'runs', name)
     config = cell_config(self.base, ratio, alpha, seed, self.plan.num_steps, pseudo)
-    marker = os.path.join(workdir, 'TRAINED')
-    seconds = None
-    if not os.path.exists(marker):
+    if not os.path.exists(os.path.join(workdir, 'TRAINED')):
       self.log(f'[train] {name} ({self.plan.num_steps} steps)')
-      t0 = time.time()
-      self.train(config, workdir)
-      seconds = time.time() - t0
-      os.makedirs(workdir, exist_ok=True)
-      write_text(marker, json.dumps({'seconds': seconds}))
-    else:
-      with open(marker, encoding='utf-8') as f:
-        seconds = json.load(f).get('seconds')
+    seconds, _ = train_once(self.train, config, workdir)
     return workdir, config, seconds
 
   def run_cell(self, kind, ratio, alpha, seed, scales=(), pseudo=False):
@@ -108,7 +67,7 @@ class Runner:
     if kind != 'guided' and ids[0] not in self.results.done:
       t0 = time.time()
       rep = self.evaluate(workdir, self.settings(seed), os.path.join(workdir, 'eval'))
-      row = _row(rep, id=ids[0], scale=0.0, guided=False, eval_seconds=time.time() - t0, **common)
+      row = report_row(rep, id=ids[0], scale=0.0, guided=False, eval_seconds=time.time() - t0, **common)
       self.results.add(row)
       self.log(f"[eval] {ids[0]}: FD {row['fd']:.4f} p {np.round(row['proportions'], 3)} "
                f"FCD {row['fcd']:.3f}")
@@ -120,7 +79,7 @@ class Runner:
       t0 = time.time()
       rep = self.evaluate(workdir, self.settings(seed, 'indicator', s),
                           os.path.join(workdir, 'eval', f'indicator{tag}_s{s:g}'))
-      row = _row(rep, id=cid, scale=float(s), guided=True, path=path,
+      row = report_row(rep, id=cid, scale=float(s), guided=True, path=path,
                  eval_seconds=time.time() - t0, **common)
       self.results.add(row)
       self.log(f"[eval] {cid}: FD {row['fd']:.4f} p {np.round(row['proportions'], 3)} "

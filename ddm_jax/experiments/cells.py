@@ -1,0 +1,69 @@
+"""What every experiment does per cell: train a model once (a rerun finds it trained),
+evaluate it with one evaluator context per real-data setup, and record the evaluation as
+one flat row."""
+import json
+import os
+import time
+
+from ddm_jax.evaluation.context import EvalContext, true_group_data_cfg
+from ddm_jax.evaluation.report import evaluate_loaded
+from ddm_jax.files import write_text
+from ddm_jax.training.setup import load_trained
+
+
+def report_row(report, **extra):
+  """The figures of one evaluation report the summaries need, flattened into one row."""
+  f, q, ind = report['fairness'], report['quality'], report.get('indicator') or {}
+  eq = q.get('equal_n') or {}
+  row = dict(extra)
+  row.update(
+      fd=f['fd'], fd_paper=f.get('fd_paper'), fd_ci95=f.get('fd_ci95'), kl=f['kl'],
+      proportions=f['proportions'], ci95_lo=f['ci95_lo'], ci95_hi=f['ci95_hi'],
+      guide_hit_rate=f.get('guide_hit_rate'), spd=f.get('spd'),
+      fcd=q['fcd'], fcd_vs_train=q['fcd_vs_train'], fcd_within_group_mean=q['fcd_within_group_mean'],
+      precision=q['precision'], recall=q['recall'], noise_floor_fcd=q['noise_floor_fcd'],
+      noise_floor_precision=q['noise_floor_precision'], noise_floor_recall=q['noise_floor_recall'],
+      quality_n=eq.get('n'), group_counts=eq.get('group_counts'), kid_mean=eq.get('kid_mean'),
+      kid_floor_mean=eq.get('kid_floor_mean'), fcd_n_mean=eq.get('fcd_mean'),
+      fcd_n_floor_mean=eq.get('fcd_floor_mean'),
+      indicator_entropy=ind.get('entropy_mean'), indicator_entropy_std=ind.get('entropy_std'),
+      indicator_accuracy=ind.get('accuracy'),
+      train_proportions=report['data']['train_proportions'],
+      evaluator_accuracy=report['data']['evaluator']['heldout_accuracy'],
+      sample_seconds=report['sampling']['seconds'], num_samples=report['num_samples'],
+      checkpoint_step=report['checkpoint_step'], workdir=report['workdir'])
+  return row
+
+
+class Evaluations:
+  """Evaluates trained workdirs; models that differ only in weights share the evaluator,
+  its reference features and the noise floor (one EvalContext per real-data setup)."""
+
+  def __init__(self):
+    self._ctx = {}
+
+  def __call__(self, workdir, settings, out_dir, with_indicator=True):
+    trained = load_trained(workdir)
+    key = json.dumps(true_group_data_cfg(trained.config.data).to_dict(), sort_keys=True,
+                     default=str)
+    if key not in self._ctx:
+      self._ctx[key] = EvalContext(trained.config, settings)
+    ctx = self._ctx[key]
+    ctx.settings = settings.validate()
+    return evaluate_loaded(workdir, trained, settings, ctx=ctx, out_dir=out_dir,
+                           with_indicator=with_indicator)
+
+
+def train_once(train_fn, config, workdir):
+  """Runs `train_fn(config, workdir)` unless `workdir` holds the TRAINED marker a finished
+  run leaves (a killed run resumes from its checkpoint); -> (seconds it took, trained now)."""
+  marker = os.path.join(workdir, 'TRAINED')
+  if os.path.exists(marker):
+    with open(marker, encoding='utf-8') as f:
+      return json.load(f).get('seconds'), False
+  t0 = time.time()
+  train_fn(config, workdir)
+  seconds = time.time() - t0
+  os.makedirs(workdir, exist_ok=True)
+  write_text(marker, json.dumps({'seconds': seconds}))
+  return seconds, True
