@@ -48,14 +48,20 @@ def test_biased_digits_train_has_configured_proportions(digits_dir):
   balanced = data.group_counts(cfg, digits_dir, 'balanced')
   assert np.all(counts <= balanced) and counts[0] == balanced[0]  # uses every image it can
   test = data.group_counts(cfg, digits_dir, 'test')
-  assert abs(test[0] - test[1]) <= 2 and test.sum() > 0.15 * (test.sum() + balanced.sum())
+  evaluator = data.group_counts(cfg, digits_dir, 'evaluator')
+  assert abs(test[0] - test[1]) <= 2 and np.array_equal(test, evaluator)  # 20 % + 20 % per digit
+  whole = test + evaluator + balanced
+  np.testing.assert_allclose(balanced / whole, 0.6, atol=0.01)
 
 
 def test_biased_digits_test_split_is_disjoint(digits_dir):
   builder = data.prepare(data_cfg(), digits_dir)
-  rows = {s: {int(ex['index']) for ex in builder.as_data_source(s)} for s in ('train', 'balanced', 'test')}
-  assert not rows['test'] & rows['balanced']
+  rows = {s: {int(ex['index']) for ex in builder.as_data_source(s)}
+          for s in ('train', 'balanced', 'test', 'evaluator')}
+  assert not rows['test'] & rows['balanced'] and not rows['evaluator'] & rows['balanced']
+  assert not rows['test'] & rows['evaluator']
   assert rows['train'] <= rows['balanced']
+  assert builder.info.version == builders.BiasedDigits.VERSION == '1.1.0'
   example = builder.as_data_source('train')[0]
   assert example['image'].shape == (8, 8, 1) and example['image'].dtype == np.uint8
   assert example['label'] == builders.digit_to_group(((0,), (1,)))[example['digit']]
@@ -84,6 +90,34 @@ def test_digits_splits_deterministic_and_multi_class_groups():
   groups = builders.digit_to_group(((0, 2), (1,)))[digits[a['train']]]
   counts = np.bincount(groups, minlength=2)
   assert np.all(np.abs(counts - np.array([0.25, 0.75]) * counts.sum()) <= 1)
+
+
+def test_digits_splits_never_depend_on_pair_ratio_or_seed():
+  """The same image is in the same split whatever the pair, ratio or seed: a base
+  trained on all ten digits' pools never sees a test or evaluator image."""
+  _, digits = builders.load_sklearn_digits()
+  def digit0(split, **kw):
+    rows = builders.digits_splits(digits, **kw)[split]
+    return set(rows[digits[rows] == 0].tolist())
+  cases = [dict(groups=((0,), (1,)), proportions=p, seed=s) for p in ((4, 1), (1, 1)) for s in (0, 3)]
+  cases.append(dict(groups=((0, 2), (5,)), proportions=(1, 3), seed=7))
+  for split in ('test', 'evaluator', 'balanced'):
+    assert len({frozenset(digit0(split, **kw)) for kw in cases}) == 1, split
+  everything = builders.digits_splits(digits, tuple((d,) for d in range(10)), (1,) * 10, 5)
+  for kw in cases:
+    s = builders.digits_splits(digits, **kw)
+    test, ev, pool, train = (set(s[k].tolist()) for k in ('test', 'evaluator', 'balanced', 'train'))
+    assert train <= pool and not ev & pool and not test & ev and not test & pool
+    assert not (test | ev) & set(everything['balanced'].tolist())
+  # the shuffle seed still varies the biased subsample
+  a = builders.digits_splits(digits, ((0,), (1,)), (4, 1), 0)['train']
+  b = builders.digits_splits(digits, ((0,), (1,)), (4, 1), 3)['train']
+  assert not np.array_equal(a, b)
+  # sizes: 20 % / 20 % / 60 % of each digit, every row in exactly one split
+  for digit, count in enumerate(np.bincount(digits)):
+    t, e, p = builders.digit_rows(digits, digit)
+    assert len(t) == len(e) == round(0.2 * count) and len(t) + len(e) + len(p) == count
+    assert len(set(t) | set(e) | set(p)) == count
 
 
 @settings(max_examples=200, deadline=None)

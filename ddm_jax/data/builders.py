@@ -1,7 +1,9 @@
 """TFDS builders that prepare offline into array_record (read back without TensorFlow).
 
 * `biased_digits`: scikit-learn's bundled 8x8 digits, grouped by digit class and
-  subsampled to a chosen group ratio: the embedded, network-free demo data.
+  subsampled to a chosen group ratio: the embedded, network-free demo data. Splits
+  `test` and `evaluator` (20 % of each digit each, fixed per digit) never overlap
+  `balanced` (the other 60 %), which `train` subsamples (`digits_splits`).
 * `reference_folder`: the reference DDM data format (a folder of images, one
   group label per image, one prompt per image); with `data.heldout_dir`, a second such
   folder becomes the `test` split the evaluation holds out.
@@ -22,7 +24,12 @@ from ddm_jax.data import labels as labels_lib
 from ddm_jax.data import subsample
 from ddm_jax.errors import DataError
 
-TEST_FRACTION = 0.2
+TEST_FRACTION = 0.2       # of each digit: `test` (the evaluator's validation images)
+EVALUATOR_FRACTION = 0.2  # of each digit: `evaluator` (the evaluator's training images)
+# Seeds, with the digit, the one permutation of each digit's rows that fixes its
+# `test` / `evaluator` / pool membership: never the data shuffle seed or the groups,
+# so an image is in the same split for every pair, ratio and seed.
+SPLIT_SEED = 20240601
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
@@ -73,23 +80,39 @@ def load_sklearn_digits():
   return images, bunch.target.astype(np.int64)
 
 
-def digits_splits(digits, groups, proportions, seed):
-  """Row indices of each split: `test`, `balanced` (rest of the pool), `train` (biased).
+def digit_rows(digits, digit):
+  """(test, evaluator, pool) row indices of one digit, each sorted.
 
-  `test` holds out TEST_FRACTION of every included class; `train` subsamples
-  `balanced` so group shares match `proportions` within one image.
+  Fixed by the digit alone (`SPLIT_SEED`): `test` = TEST_FRACTION and `evaluator`
+  = EVALUATOR_FRACTION of the digit's rows, the pool the rest."""
+  rows = np.random.default_rng([SPLIT_SEED, int(digit)]).permutation(
+      np.flatnonzero(digits == digit))
+  n_test = int(round(TEST_FRACTION * rows.size))
+  n_ev = int(round(EVALUATOR_FRACTION * rows.size))
+  return (np.sort(rows[:n_test]), np.sort(rows[n_test:n_test + n_ev]),
+          np.sort(rows[n_test + n_ev:]))
+
+
+def digits_splits(digits, groups, proportions, seed):
+  """Row indices of each split: `test`, `evaluator`, `balanced` (the pool), `train` (biased).
+
+  Every included digit is cut once, the same way whatever `groups`, `proportions`
+  or `seed` (`digit_rows`): `test` (20 %) and `evaluator` (20 %) are real images
+  no generator trains on, not even a base trained on all ten digits' pools;
+  `balanced` is the remaining 60 %. `train` subsamples `balanced` with `seed` so
+  group shares match `proportions` within one image.
   """
-  rng = np.random.default_rng(seed)
-  test, pool = [], []
+  test, evaluator, pool = [], [], []
   for digit in sorted(d for g in groups for d in g):
-    rows = rng.permutation(np.flatnonzero(digits == digit))
-    n_test = int(round(TEST_FRACTION * rows.size))
-    test.append(rows[:n_test])
-    pool.append(rows[n_test:])
+    t, e, p = digit_rows(digits, digit)
+    test.append(t)
+    evaluator.append(e)
+    pool.append(p)
   pool = np.sort(np.concatenate(pool))
   group_of = digit_to_group(groups)
   train = pool[subsample.subsample(group_of[digits[pool]], np.asarray(proportions), seed)]
-  return {'train': train, 'balanced': pool, 'test': np.sort(np.concatenate(test))}
+  return {'train': train, 'balanced': pool, 'evaluator': np.sort(np.concatenate(evaluator)),
+          'test': np.sort(np.concatenate(test))}
 
 
 def digit_to_group(groups):
@@ -103,8 +126,12 @@ def digit_to_group(groups):
 class BiasedDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn 8x8 digits, grouped by class and biased to a group ratio."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Splits fixed per digit, independent of seed and groups: test 20 %, the new '
+               '`evaluator` 20 %, balanced (the pool) 60 %; train subsamples the pool.',
+  }
 
   def _info(self):
     scalar = lambda: tfds.features.Tensor(shape=(), dtype=np.int64)  # noqa: E731
