@@ -36,16 +36,41 @@ def ctx(roots):
 def test_evaluator_on_digits_is_accurate_and_cached(ctx, roots):
   info = ctx.evaluator_info
   assert info['heldout_accuracy'] >= 0.95, info
-  assert info['heldout_split'] == 'test' and info['train_split'] == 'balanced'
+  assert info['heldout_split'] == 'test' and info['train_split'] == 'evaluator'
+  assert ctx.splits['reference'] == ['evaluator', 'test'] and ctx.pool_split == 'balanced'
   assert ctx.ref_labels.size == info['n_train'] + info['n_heldout']
   np.testing.assert_allclose(ctx.train_proportions, [0.8, 0.2], atol=0.01)
   again = R.EvalContext(_config(roots), R.EvalSettings(cache_dir=roots['cache'], num_samples=100))
   assert again.evaluator_info['from_cache'] and again.evaluator_info['cache'] == info['cache']
-  # A different training ratio shares the balanced split, hence the evaluator.
-  other = R.EvalContext(_config(roots, proportions=(0.5, 0.5)),
+  # A different training ratio and seed share the evaluator split, hence the evaluator.
+  other = R.EvalContext(_config(roots, proportions=(0.5, 0.5), shuffle_seed=3),
                         R.EvalSettings(cache_dir=roots['cache'], num_samples=100))
-  assert other.evaluator_info['from_cache']
+  assert other.evaluator_info['from_cache'] and other.evaluator_info['cache'] == info['cache']
   np.testing.assert_allclose(other.train_proportions, [0.5, 0.5], atol=0.01)
+  np.testing.assert_array_equal(other.ref_feats, ctx.ref_feats)  # the same real reference set
+
+
+def test_evaluator_cache_key_identifies_the_data(roots):
+  """A 7-vs-8 evaluation never reuses a cached 0-vs-1 evaluator: the key holds the groups
+  (and the builder version); for other data the fields that select images and labels."""
+  from ddm_jax.data.builders import BiasedDigits
+  from ddm_jax.evaluation import classifier
+  splits = {'evaluator': 'evaluator', 'heldout': 'test'}
+  key = lambda **d: R.evaluator_cache_key(_config(roots, **d).data, splits)  # noqa: E731
+  k01, k78 = key(), key(groups=((7,), (8,)))
+  assert k01 != k78 and k78['groups'] == [[7], [8]]
+  assert k01['builder_version'] == str(BiasedDigits.VERSION)
+  assert key(proportions=(0.5, 0.5), shuffle_seed=4) == k01  # ratio and seed: same evaluator
+  x, y = np.zeros((4, 8, 8, 1), np.float32), np.array([0, 1, 0, 1])
+  train_fn = lambda *a, **kw: ({'w': np.zeros(1)}, 1.0)  # noqa: E731
+  paths = {classifier.load_or_train_evaluator(roots['root'] / 'keys', k, x, y, 2,
+                                              train_fn=train_fn).path for k in (k01, k78)}
+  assert len(paths) == 2  # same arrays, different pairs: different cache entries
+  generic = dict(name='some_tfds', label_key='label', class_filter=(3, 5))
+  g = R.evaluator_cache_key(_config(roots, **generic).data, splits)
+  assert g['class_filter'] == [3, 5] and g['label_key'] == 'label'
+  assert g != R.evaluator_cache_key(_config(roots, **{**generic, 'class_filter': (1, 2)}).data,
+                                    splits)
 
 
 def test_floor_refuses_fairness_figures(roots):
@@ -79,6 +104,34 @@ def test_score_of_real_images(ctx):
     score(ctx, only0[:10], cond_labels=np.zeros(10, int))
 
 
+def test_equal_n_quality_of_real_images(ctx):
+  """Real pool images (never reference images) as the 'samples': every group has
+  >= quality_n of them and KID is at the level of the real-vs-real floor; too few
+  samples in a group: None."""
+  from ddm_jax import data as data_lib
+  from ddm_jax.evaluation.report import equal_n
+  x, _ = data_lib.load_arrays(R.true_group_data_cfg(ctx.config.data), ctx.data_dir, 'balanced')
+  x = x[np.random.default_rng(1).permutation(len(x))]
+  pred = score(ctx, x)[1]
+  e = equal_n(ctx, x, pred)
+  assert e['n'] == ctx.settings.quality_n == 50
+  assert e['group_counts'] == np.bincount(pred, minlength=2).tolist()
+  assert all(v is not None for k in ('kid', 'kid_floor', 'fcd', 'fcd_floor') for v in e[k])
+  assert e['kid_mean'] == pytest.approx(np.mean(e['kid']))
+  spread = max(abs(v) for v in e['kid_floor']) + 1e-9
+  assert abs(e['kid_mean'] - e['kid_floor_mean']) < 5 * spread, e
+  assert np.isfinite(e['fcd_mean']) and np.isfinite(e['fcd_floor_mean'])
+  # half of group 1's samples swapped for group 0's: group 1 is further from its references
+  mixed = np.concatenate([x[pred == 0][50:75], x[pred == 1][:25]])
+  worse = equal_n(ctx, mixed, np.ones(len(mixed), int))
+  assert worse['kid'][1] > e['kid'][1] and worse['kid'][0] is None
+  few = np.flatnonzero(pred == 0)[:10].tolist() + np.flatnonzero(pred == 1).tolist()
+  e2 = equal_n(ctx, x[few], pred[few])
+  assert e2['group_counts'][0] == 10 and e2['kid'][0] is None and e2['fcd'][0] is None
+  assert e2['kid_mean'] is None and e2['fcd_mean'] is None and e2['kid'][1] is not None
+  assert e2['kid_floor'] == e['kid_floor']  # the floor does not depend on the samples
+
+
 def test_settings_validation():
   with pytest.raises(ConfigError):
     R.EvalSettings(guidance='cfg').validate()
@@ -89,6 +142,9 @@ def test_settings_validation():
     R.EvalSettings(num_samples=3).validate()
   with pytest.raises(ConfigError):
     R.EvalSettings(accuracy_floor=1.5).validate()
+  for bad in (1, 2.5, True):
+    with pytest.raises(ConfigError):
+      R.EvalSettings(quality_n=bad).validate()
 
 
 def test_true_group_cfg_drops_pseudo_labels(roots):
@@ -132,8 +188,16 @@ def test_evaluate_cli_end_to_end(tiny_conditional, roots, capsys):
   for key in ('fcd', 'fcd_vs_train', 'precision', 'recall', 'noise_floor_fcd'):
     assert np.isfinite(q[key]), key
   assert rep['data']['evaluator']['heldout_accuracy'] >= 0.95
+  e = q['equal_n']
+  assert set(e) == {'n', 'group_counts', 'kid', 'kid_mean', 'kid_floor', 'kid_floor_mean',
+                    'fcd', 'fcd_mean', 'fcd_floor', 'fcd_floor_mean'}
+  assert e['n'] == 50 and sum(e['group_counts']) == 64 and len(e['kid']) == 2
+  # 64 samples cannot put 50 in both groups: the short group's figures are None
+  assert None in e['kid'] and e['kid_mean'] is None and e['fcd_mean'] is None
+  assert all(np.isfinite(v) for v in e['kid_floor'] + e['fcd_floor'])
   md = open(os.path.join(out, 'report.md')).read()
   assert 'SPD' in md and 'Fréchet' in md and 'noise floor' in md
+  assert 'KID x 1e3 per group at n=50' in md and 'FCD per group at n=50' in md
   assert 'FD' in capsys.readouterr().out
 
   # Guided: a separate folder, the assignment reported, same seed.

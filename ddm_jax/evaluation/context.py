@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from ddm_jax import data as data_lib
-from ddm_jax.data.builders import HELDOUT_LAYOUT
+from ddm_jax.data.builders import HELDOUT_LAYOUT, BiasedDigits
 from ddm_jax.errors import ConfigError, DataError
 from ddm_jax.evaluation import classifier, quality
 from ddm_jax.generation.guidance import PATHS, check_scale, parse_target
@@ -31,7 +31,7 @@ class EvalSettings:
   batch_size: int = 500
   target: Optional[Sequence[float]] = None  # default: uniform
   accuracy_floor: float = 0.95
-  evaluator_split: Optional[str] = None   # default: 'balanced' (biased_digits) / 'train'
+  evaluator_split: Optional[str] = None   # default: 'evaluator' (biased_digits) / 'train'
   heldout_split: Optional[str] = None     # default: 'test'
   heldout_dir: Optional[str] = None       # reference_folder: held-out folder (default data.heldout_dir)
   evaluator: str = 'cnn'                  # 'cnn' or 'module:factory' (classifier.GroupEvaluator)
@@ -47,12 +47,16 @@ class EvalSettings:
   grad_clip: Optional[float] = None
   guidance_path: str = 'unet'             # 'unet' | 'x0' (generation.guidance.make_indicator_guidance)
   use_ema: bool = True
+  quality_n: int = 50                     # samples per group for quality['equal_n'] (KID, FCD)
 
   def validate(self):
     if self.num_samples < 2 * (self.knn_k + 1):
       raise ConfigError(f'num_samples must be >= {2 * (self.knn_k + 1)}, got {self.num_samples}')
     if self.batch_size < 1:
       raise ConfigError(f'batch_size must be positive, got {self.batch_size}')
+    if (not isinstance(self.quality_n, (int, np.integer)) or isinstance(self.quality_n, bool)
+        or self.quality_n < 2):
+      raise ConfigError(f'quality_n must be an int >= 2, got {self.quality_n!r}')
     if not 0.0 <= self.accuracy_floor <= 1.0:
       raise ConfigError(f'accuracy_floor must be in [0, 1], got {self.accuracy_floor}')
     if self.evaluator != 'cnn' and ':' not in self.evaluator:
@@ -86,14 +90,51 @@ def check_heldout(data_cfg, splits):
 
 
 def default_splits(data_cfg, settings):
+  """(evaluator split, held-out split, reference splits).
+
+  biased_digits: the evaluator trains on `evaluator` and is validated on `test`, and the
+  real reference set is both: 40 % of every digit that no generator trains on (the
+  generators' images come from `balanced`). Other data: `train` and `test`."""
   if data_cfg.name == 'biased_digits':
-    ev, ho = 'balanced', 'test'
+    ev, ho = 'evaluator', 'test'
   else:
     ev, ho = 'train', 'test'
   ev = settings.evaluator_split or ev
   ho = settings.heldout_split or ho
   ref = tuple(settings.reference_splits or (ev, ho))
   return ev, ho, ref
+
+
+def pool_split(data_cfg):
+  """The generator-side pool of real images (real, never in the reference set unless a
+  setting puts it there): `balanced` for biased_digits, else the training split."""
+  return 'balanced' if data_cfg.name == 'biased_digits' else data_cfg.get('split', 'train')
+
+
+# Data config fields that select which images and labels a data set yields.
+_CONTENT_FIELDS = ('image_key', 'label_key', 'class_filter', 'groups', 'group_ratio',
+                   'num_groups', 'image_dir', 'labels_file', 'heldout_dir', 'skip_bad')
+
+
+def evaluator_cache_key(data_cfg, splits):
+  """The evaluator cache key: the data's identity, not just its name. biased_digits: the
+  groups and the builder version (its `evaluator`/`test` splits depend on nothing else);
+  other data: the fields that select images, labels and classes."""
+  key = {'data': data_cfg.name, 'evaluator_split': splits['evaluator'],
+         'heldout_split': splits['heldout'], 'resolution': int(data_cfg.resolution),
+         'channels': int(data_cfg.channels)}
+  if data_cfg.name == 'biased_digits':
+    key['groups'] = [[int(d) for d in g] for g in data_cfg.get('groups', ((0,), (1,)))]
+    key['builder_version'] = str(BiasedDigits.VERSION)
+    if splits['evaluator'] == 'train' or splits['heldout'] == 'train':
+      key['proportions'] = [float(p) for p in data_cfg.get('proportions', (0.8, 0.2))]
+      key['shuffle_seed'] = int(data_cfg.get('shuffle_seed', 0))
+  else:
+    for field in _CONTENT_FIELDS:
+      if field in data_cfg:
+        value = data_cfg[field]
+        key[field] = value.to_dict() if hasattr(value, 'to_dict') else value
+  return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
 def arch_key(config):
@@ -145,6 +186,13 @@ class EvalContext:
     x_tr, y_tr = data_lib.load_arrays(data_cfg, self.data_dir, train_split)
     self.train_split = train_split
     self.train_feats = classifier.features(self.evaluator, x_tr)
+    self.pool_split = pool_split(data_cfg)
+    if self.pool_split == train_split:
+      x_pool, self.pool_labels = x_tr, y_tr
+    else:
+      x_pool, self.pool_labels = data_lib.load_arrays(data_cfg, self.data_dir, self.pool_split)
+    self.pool_feats = (self.train_feats if self.pool_split == train_split
+                       else classifier.features(self.evaluator, x_pool))
     self.train_counts = np.bincount(y_tr, minlength=self.num_groups)
     self.train_proportions = self.train_counts / self.train_counts.sum()
     self.target = parse_target(settings.target, self.num_groups)
@@ -156,9 +204,7 @@ class EvalContext:
       return classifier.plugged_evaluator(settings.evaluator, x_ev, y_ev, self.num_groups,
                                           seed=settings.evaluator_seed), {}
     cache_dir = settings.cache_dir or os.environ.get('DDM_EVAL_CACHE') or DEFAULT_CACHE
-    key = {'data': data_cfg.name, 'evaluator_split': self.splits['evaluator'],
-           'heldout_split': self.splits['heldout'], 'resolution': int(data_cfg.resolution),
-           'channels': int(data_cfg.channels)}
+    key = evaluator_cache_key(data_cfg, self.splits)
     ev_obj = classifier.load_or_train_evaluator(
         cache_dir, key, x_ev, y_ev, self.num_groups, val_images=x_ho, val_labels=y_ho,
         seed=settings.evaluator_seed, steps=settings.evaluator_steps)
@@ -172,4 +218,6 @@ class EvalContext:
                                                   minlength=self.num_groups).tolist(),
             'train_split': self.train_split, 'train_group_counts': self.train_counts.tolist(),
             'train_proportions': self.train_proportions.tolist(), 'target': self.target.tolist(),
-            'noise_floor': self.noise_floor}
+            'noise_floor': self.noise_floor, 'pool_split': self.pool_split,
+            'pool_group_counts': np.bincount(self.pool_labels,
+                                             minlength=self.num_groups).tolist()}

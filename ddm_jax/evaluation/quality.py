@@ -5,7 +5,8 @@ penultimate activations of our own group classifier (``classifier.features``).
 The distance below is therefore a *Fréchet classifier distance* (FCD): the
 Fréchet distance formula of FID in a small task-specific feature space. Its
 numbers are comparable only between runs that use the same evaluator, and
-never with published FID values.
+never with published FID values. ``kid`` is the unbiased kernel distance (KID) in the
+same features; ``equal_n_quality`` compares groups at one sample size.
 """
 import warnings
 
@@ -136,3 +137,83 @@ def noise_floor(real_feats, seed=0, k=3):
   p, r = precision_recall(a, b, k=k)
   return {'fd': frechet_distance_from_features(a, b), 'precision': p, 'recall': r,
           'n_half': half}
+
+
+def _poly_kernel_sum(a, b, d, skip_diagonal=False):
+  """Sum of k(a_i, b_j) = (a_i . b_j / d + 1)^3 over all pairs, in row blocks (float64);
+  with ``skip_diagonal`` (a is b) the i == j terms are left out."""
+  total = 0.0
+  for sl in _row_blocks(a.shape[0], b.shape[0]):
+    k = (a[sl] @ b.T / d + 1.0) ** 3
+    if skip_diagonal:
+      k[np.arange(k.shape[0]), np.arange(sl.start, sl.stop)] = 0.0
+    total += float(k.sum())
+  return total
+
+
+def kid(feats_a, feats_b):
+  """Kernel Inception (here: classifier) Distance, Bińkowski et al. 2018.
+
+  The unbiased U-statistic estimate of the squared MMD between the two feature sets'
+  distributions under the cubic polynomial kernel ``k(x, y) = (x . y / d + 1)^3``:
+  ``mean_{i!=j} k(a_i, a_j) + mean_{i!=j} k(b_i, b_j) - 2 mean_{i,j} k(a_i, b_j)``.
+  Unbiased, so its expectation does not depend on the set sizes (unlike the Fréchet
+  distance), and it can be slightly negative when the distributions are equal. Uses all
+  pairs (no subsets), in float64.
+  """
+  a, b = _feats(feats_a, 'feats_a'), _feats(feats_b, 'feats_b')
+  if a.shape[1] != b.shape[1]:
+    raise DataError(f'feature dims differ: {a.shape[1]} vs {b.shape[1]}')
+  n, m, d = a.shape[0], b.shape[0], a.shape[1]
+  k_aa = _poly_kernel_sum(a, a, d, skip_diagonal=True) / (n * (n - 1))
+  k_bb = _poly_kernel_sum(b, b, d, skip_diagonal=True) / (m * (m - 1))
+  k_ab = _poly_kernel_sum(a, b, d) / (n * m)
+  return float(k_aa + k_bb - 2.0 * k_ab)
+
+
+def _mean_or_none(values):
+  return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def equal_n_quality(gen_feats, gen_groups, ref_feats, ref_labels, pool_feats, pool_labels,
+                    num_groups, n, seed=0):
+  """Quality per group at an equal number of samples ``n``, with its real-vs-real floor.
+
+  For group g: the first ``n`` generated samples assigned to g (``gen_groups``, in
+  generation order) against all reference images of g: KID (``kid``) and FCD
+  (``frechet_distance_from_features``); the floor is the same two figures for ``n``
+  real images of g drawn (``seed``) from the generator-side pool (``pool_*``: real
+  images that are not reference images) against the same reference images. FCD is
+  biased at small n; comparing it only at the same n, next to its floor, keeps it
+  comparable between models. A group with fewer than ``n`` generated (or pool, for the
+  floor) images, or fewer than 2 reference images, gets None.
+  """
+  gen, ref, pool = (_feats(gen_feats, 'gen_feats', 0), _feats(ref_feats, 'ref_feats', 0),
+                    _feats(pool_feats, 'pool_feats', 0))
+  gen_groups, ref_labels, pool_labels = (np.asarray(gen_groups), np.asarray(ref_labels),
+                                         np.asarray(pool_labels))
+  n = int(n)
+  if n < 2:
+    raise DataError(f'n must be >= 2, got {n}')
+  rng = np.random.default_rng(seed)
+  out = {'n': n, 'group_counts': [], 'kid': [], 'kid_floor': [], 'fcd': [], 'fcd_floor': []}
+  for g in range(int(num_groups)):
+    fg, rg, pg = gen[gen_groups == g], ref[ref_labels == g], pool[pool_labels == g]
+    out['group_counts'].append(int(fg.shape[0]))
+    enough_ref = rg.shape[0] >= 2
+    if fg.shape[0] >= n and enough_ref:
+      out['kid'].append(kid(fg[:n], rg))
+      out['fcd'].append(frechet_distance_from_features(rg, fg[:n]))
+    else:
+      out['kid'].append(None)
+      out['fcd'].append(None)
+    if pg.shape[0] >= n and enough_ref:
+      real = pg[np.sort(rng.choice(pg.shape[0], n, replace=False))]
+      out['kid_floor'].append(kid(real, rg))
+      out['fcd_floor'].append(frechet_distance_from_features(rg, real))
+    else:
+      out['kid_floor'].append(None)
+      out['fcd_floor'].append(None)
+  for name in ('kid', 'kid_floor', 'fcd', 'fcd_floor'):
+    out[f'{name}_mean'] = _mean_or_none(out[name])
+  return out

@@ -15,7 +15,10 @@ trained on real images with their true group labels, ``classifier.py``):
   evaluator's penultimate features; no Inception weights here) against the
   real reference set (group-balanced), against the biased training split, and
   within each group; k-NN precision/recall (Kynkäänniemi et al. 2019); the
-  real-vs-real noise floor on two halves of the reference set;
+  real-vs-real noise floor on two halves of the reference set; per group at an
+  equal number of samples (``quality_n``): KID and FCD against the group's
+  reference images, next to the same figures for real pool images
+  (``quality['equal_n']``, ``quality.equal_n_quality``);
 * the indicator (the reference code's own check): mean/std entropy of its
   softmax, and its accuracy, on real images noised at random timesteps.
 
@@ -29,7 +32,7 @@ import time
 
 import numpy as np
 
-from ddm_jax.evaluation import plots
+from ddm_jax.evaluation import classifier, plots, quality
 from ddm_jax.evaluation.context import EvalContext, arch_key
 from ddm_jax.evaluation.scoring import indicator_stats, score
 from ddm_jax.files import write_json, write_text
@@ -92,6 +95,19 @@ def render_markdown(report):
             f"| precision (k={q['knn_k']}) | {q['precision']:.4f} | "
             f"{q['noise_floor_precision']:.4f} |",
             f"| recall (k={q['knn_k']}) | {q['recall']:.4f} | {q['noise_floor_recall']:.4f} |"]
+  if 'equal_n' in q:
+    e = q['equal_n']
+    kid_1e3 = lambda v: None if v is None else (  # noqa: E731
+        [None if x is None else 1e3 * x for x in v] if isinstance(v, list) else 1e3 * v)
+    pool = report['data'].get('pool_split', 'pool')
+    lines += [f"| KID x 1e3 per group at n={e['n']} (mean) | {fmt(kid_1e3(e['kid']), 3)} "
+              f"({fmt(kid_1e3(e['kid_mean']), 3)}) | {fmt(kid_1e3(e['kid_floor']), 3)} "
+              f"({fmt(kid_1e3(e['kid_floor_mean']), 3)}), `{pool}` |",
+              f"| FCD per group at n={e['n']} (mean) | {fmt(e['fcd'], 3)} "
+              f"({fmt(e['fcd_mean'], 3)}) | {fmt(e['fcd_floor'], 3)} "
+              f"({fmt(e['fcd_floor_mean'], 3)}), `{pool}` |",
+              '', f"Samples per group (evaluator): {fmt(e['group_counts'])}; a group with "
+              f"fewer than {e['n']} has n/a at equal n."]
   if ind:
     lines += ['', '## Indicator (real images noised at random timesteps)', '',
               f"entropy {ind['entropy_mean']:.4f} ± {ind['entropy_std']:.4f} nats "
@@ -157,6 +173,7 @@ def evaluate_loaded(workdir, trained, settings, ctx=None, out_dir=None, progress
                     seconds=time.time() - t0, **(plan.prompt_info or {}))
     cond_labels, guide_labels, seed = plan.class_labels, plan.guide_labels, settings.seed
   scores, pred = score(ctx, images, cond_labels, guide_labels)
+  scores['quality']['equal_n'] = equal_n(ctx, images, pred)
   report = {'workdir': os.path.abspath(workdir), 'checkpoint_step': int(trained.step),
             'seed': seed, 'num_samples': int(len(images)),
             'settings': dataclasses.asdict(settings), 'sampling': sampling,
@@ -168,6 +185,16 @@ def evaluate_loaded(workdir, trained, settings, ctx=None, out_dir=None, progress
   if out_dir:
     write_outputs(out_dir, report, images, pred, ctx.num_groups)
   return report
+
+
+def equal_n(ctx, images, pred):
+  """``quality['equal_n']``: KID and FCD of each group's first ``quality_n`` samples (the
+  evaluator's groups ``pred``) against the group's reference images, and their floors
+  (as many real images of the group from the generator-side pool, ``ctx.pool_split``)."""
+  feats = classifier.logits_and_features(ctx.evaluator, images, 500)[1]  # as score() does
+  return quality.equal_n_quality(feats, pred, ctx.ref_feats, ctx.ref_labels, ctx.pool_feats,
+                                 ctx.pool_labels, ctx.num_groups, ctx.settings.quality_n,
+                                 seed=ctx.settings.seed)
 
 
 _GENERATORS = {}
