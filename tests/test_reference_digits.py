@@ -93,7 +93,7 @@ def test_prepare_cli(tmp_path, capsys):
   assert prepare_main(['--out', str(out), '--pair', '7,8', '--ratio', '9:1',
                        '--resolution', '12']) == 0
   printed = capsys.readouterr().out
-  assert 'train [142, 16]' in printed and f'--config.data.heldout_dir={out}/heldout' in printed
+  assert 'train [106, 12]' in printed  # 9:1 of the 60 % pools and f'--config.data.heldout_dir={out}/heldout' in printed
   with open(out / 'reference_digits.json') as f:
     assert json.load(f)['resolution'] == 12
   assert prepare_main(['--out', str(out), '--pair', '7,8']) == 0  # its own output: replaced
