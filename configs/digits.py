@@ -46,6 +46,8 @@ def get_config():
 
   c.indicator = ml_collections.ConfigDict()
   c.indicator.hidden = (1024, 512)
+  c.indicator.input = 'eps'              # 'eps': the UNet's predicted noise (DDM); 'x_t': the
+                                         # noisy input and t (a noise-aware classifier)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = 'linear'
@@ -57,6 +59,7 @@ def get_config():
   c.loss = ml_collections.ConfigDict()
   c.loss.w_rec = 0.95
   c.loss.w_ind = 0.05
+  c.loss.group_weights = ()              # per-group weights on each sample's MSE, e.g. (1.0, 4.0)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-3
@@ -82,6 +85,8 @@ def get_config():
   c.train.num_sample_images = 64
   c.train.distributed = False            # call jax.distributed.initialize()
   c.train.skip_nonfinite = False         # skip (and count) NaN/Inf steps instead of stopping
+  c.train.init_from = ''                 # a trained workdir: a new run starts from its UNet
+  c.train.trainable = 'all'              # 'indicator': only the indicator is updated
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = 'ddim'

@@ -110,7 +110,10 @@ _OPTIONAL_TYPES = {
     'lora.text_alpha': float, 'lora.dropout': float, 'lora.train_text_encoder': bool,
     'model.flip_sin_to_cos': bool, 'model.freq_shift': int, 'train.skip_nonfinite': bool,
     'data.skip_bad': bool, 'latent_factor': int,
+    'train.init_from': str, 'train.trainable': str, 'indicator.input': str,
 }
+TRAINABLE = ('all', 'indicator')     # train.trainable: what the optimizer updates
+INDICATOR_INPUTS = ('eps', 'x_t')    # indicator.input: predicted noise, or (x_t, t)
 _SECTIONS = ('train', 'optim', 'loss', 'model', 'data', 'diffusion', 'sample')
 _DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -229,6 +232,22 @@ def validate(config):
     hidden = config.indicator.get('hidden')
     _require(isinstance(hidden, tuple) and all(_positive_int(h) for h in hidden),
              'indicator.hidden', f'must be a tuple of positive integers, got {hidden!r}')
+    _require(config.indicator.get('input', 'eps') in INDICATOR_INPUTS, 'indicator.input',
+             f"must be one of {INDICATOR_INPUTS}, got {config.indicator.get('input')!r}")
+  trainable = t.get('trainable', 'all')
+  _require(trainable in TRAINABLE, 'train.trainable',
+           f'must be one of {TRAINABLE}, got {trainable!r}')
+  _require(trainable == 'all' or l.w_ind > 0, 'train.trainable',
+           "'indicator' trains only the indicator, which needs loss.w_ind > 0")
+  _require(not (t.get('init_from', '') and is_latent(config)), 'train.init_from',
+           'copies a pixel UNet from a trained workdir; latent (Stable Diffusion) runs '
+           'start from model.pretrained')
+  gw = l.get('group_weights', ())
+  _require(isinstance(gw, tuple) and all(
+      isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+      for w in gw), 'loss.group_weights', f'must be a tuple of positive numbers, got {gw!r}')
+  _require(len(gw) in (0, d.num_groups), 'loss.group_weights',
+           f'needs one weight per group (data.num_groups = {d.num_groups}) or none, got {len(gw)}')
   _require(config.get('latent_factor', 1) >= 1, 'latent_factor',
            f'must be >= 1, got {config.get("latent_factor")}')
   _require(d.num_groups >= 2, 'data.num_groups', f'must be >= 2, got {d.num_groups}')

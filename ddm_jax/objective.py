@@ -1,5 +1,10 @@
 """The DDM objective: w_rec * MSE(out, target) + w_ind * CE(indicator(eps_pred), group).
 
+`group_weights` (config loss.group_weights) weighs each sample's MSE by its group's
+weight, e.g. inverse group frequencies: loss_rec = mean_i w[group_i] * mse_i.
+An indicator with input 'x_t' (a noise-aware classifier) reads x_t and t instead of
+the predicted noise; `indicator_fn` gets all three and picks.
+
 The indicator reads the predicted noise: the network's output itself for epsilon
 prediction (as the reference implementation does), its noise estimate for
 v-prediction (`predicted_noise`), so the method and guidance mean the same input
@@ -23,8 +28,11 @@ def predicted_noise(sched, out, x_t, t):
   return to_x0_eps(sched, out, x_t, t)[1]
 
 
-def ddm_loss(model_fn, indicator_fn, params, x0, labels, rng, sched, w_rec, w_ind):
-  """model_fn(params, x_t, t) -> network output; indicator_fn(params, eps_pred) -> logits.
+def ddm_loss(model_fn, indicator_fn, params, x0, labels, rng, sched, w_rec, w_ind,
+             group_weights=None):
+  """model_fn(params, x_t, t) -> network output; indicator_fn(params, eps_pred, x_t, t)
+  -> logits. `group_weights` (K floats, or None/() for none): the per-sample MSE is
+  weighted by its group's weight, loss_rec = mean_i w[labels_i] * mse_i.
 
   Returns (loss, metrics). Noise and timesteps are drawn from `rng` over the whole
   (global) batch, so the result does not depend on how the batch is sharded.
@@ -34,8 +42,14 @@ def ddm_loss(model_fn, indicator_fn, params, x0, labels, rng, sched, w_rec, w_in
   noise = jax.random.normal(k_n, x0.shape, jnp.float32)
   x_t = add_noise(sched, x0, noise, t)
   out = model_fn(params, x_t, t)
-  loss_rec = jnp.mean((out - training_target(sched, x0, noise, t)) ** 2)
-  logits = indicator_fn(params, predicted_noise(sched, out, x_t, t))
+  sq = (out - training_target(sched, x0, noise, t)) ** 2
+  if group_weights is not None and len(group_weights):
+    mse = jnp.mean(sq.reshape(sq.shape[0], -1), axis=-1)
+    w = jnp.asarray(group_weights, jnp.float32)[labels]
+    loss_rec = jnp.mean(w * mse)
+  else:
+    loss_rec = jnp.mean(sq)
+  logits = indicator_fn(params, predicted_noise(sched, out, x_t, t), x_t, t)
   loss_ind = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   loss = w_rec * loss_rec + w_ind * loss_ind
   acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))

@@ -26,7 +26,7 @@ class LinearDDM(DDM):
   def model_fn(self, params, frozen, x_t, t, **cond):
     return x_t * params['w']
 
-  def indicator_fn(self, params, eps):
+  def indicator_fn(self, params, eps, x_t=None, t=None):
     return eps.reshape(eps.shape[0], -1) @ params['indicator']
 
 

@@ -164,7 +164,7 @@ def test_indicator_loads_into_reference_mlp(trained, record_property):
   state = {k: torch.from_numpy(v) for k, v in load_file(str(out / 'indicator.safetensors')).items()}
   model.load_state_dict(state, strict=True)
   eps = np.random.default_rng(2).standard_normal((3, h, w, c)).astype(np.float32)
-  want = np.asarray(ddm.indicator_fn(params, jnp.asarray(eps)))
+  want = np.asarray(ddm.indicator_fn(params, jnp.asarray(eps), None, None))
   with torch.no_grad():
     got = model(torch.from_numpy(eps.transpose(0, 3, 1, 2))).numpy()
   err = rel_err(want, got)

@@ -77,7 +77,7 @@ class LinearDDM(DDM):
   def decode(self, frozen, x):
     return x
 
-  def indicator_fn(self, params, eps):
+  def indicator_fn(self, params, eps, x_t=None, t=None):
     z = self.c * eps.reshape(eps.shape[0], -1).sum(-1)
     return jnp.stack([jnp.zeros_like(z), z], -1)
 
@@ -143,7 +143,7 @@ class GaussianDDM(LinearDDM):
     s = jnp.sqrt(1.0 - self.sched.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
     return s * x
 
-  def indicator_fn(self, params, eps):
+  def indicator_fn(self, params, eps, x_t=None, t=None):
     z = 4.0 * eps.reshape(eps.shape[0], -1).mean(-1)
     return jnp.stack([-z, z], -1)
 

@@ -29,7 +29,7 @@ class CtxDDM:
   def model_fn(self, params, frozen, x, t, context=None):
     return self.w * x + context
 
-  def indicator_fn(self, params, eps):
+  def indicator_fn(self, params, eps, x_t=None, t=None):
     jax.debug.callback(lambda v: self.seen.append(np.asarray(v, np.float64)), eps)
     z = self.c * eps.reshape(eps.shape[0], -1).sum(-1)
     return jnp.stack([jnp.zeros_like(z), z], -1)
@@ -121,7 +121,7 @@ def test_tiny_stable_diffusion_guidance_steers_the_prompt_prediction(tmp_path_fa
 
     def log_p(x_in):  # the indicator on the conditional prediction alone (epsilon model)
       out = ddm.model_fn(params, frozen, x_in, tb, context=cond['context'])
-      logp = jax.nn.log_softmax(ddm.indicator_fn(params, out), -1)
+      logp = jax.nn.log_softmax(ddm.indicator_fn(params, out, x_in, tb), -1)
       return jnp.take_along_axis(logp, labels[:, None], -1).sum()
     return step(0.0), step(2.0), unguided, jax.grad(log_p)(x)
 

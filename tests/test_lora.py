@@ -55,7 +55,7 @@ def loss_and_grads(model):
   if key not in _COMPILED:
     def loss(p, f, ids, x, t):
       out = model.model_fn(p, f, x, t, input_ids=ids)
-      value = jnp.mean(out.astype(jnp.float32) ** 2) + jnp.mean(model.indicator_fn(p, out) ** 2)
+      value = jnp.mean(out.astype(jnp.float32) ** 2) + jnp.mean(model.indicator_fn(p, out, x, t) ** 2)
       return value, out
     _COMPILED[key] = jax.jit(jax.value_and_grad(loss, has_aux=True))
   return _COMPILED[key]

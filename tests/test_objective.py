@@ -33,7 +33,7 @@ def _toy_fns(seen):
     seen.append((np.asarray(x_t, np.float64), np.asarray(t)))
     return p['unet']['w'] * x_t + p['unet']['b'] * (t[:, None, None, None] / 1000.0)
 
-  def indicator_fn(p, eps_pred):
+  def indicator_fn(p, eps_pred, x_t, t):
     return eps_pred.reshape(eps_pred.shape[0], -1) @ p['indicator']['W']
   return model_fn, indicator_fn
 

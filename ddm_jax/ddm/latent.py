@@ -36,7 +36,8 @@ class LatentDDM(DDM):
     r = config.data.resolution // factor
     self.sample_shape = (r, r, self.unet.in_channels)
     self.eps_shape = (r, r, self.unet.out_channels)
-    self.indicator = Indicator(config.data.num_groups, tuple(config.indicator.hidden))
+    self.indicator = Indicator(config.data.num_groups, tuple(config.indicator.hidden),
+                               input=config.indicator.get('input', 'eps'))
     self.unet_scale = lc.unet_alpha / lc.unet_rank
     self.text_scale = lc.text_alpha / lc.text_rank
     self.prompt = config.data.get('prompt', 'A human face')
@@ -48,7 +49,7 @@ class LatentDDM(DDM):
     lc = self.config.lora
     params = {'unet_lora': lora_lib.init_lora(k_u, self._frozen['unet'], tuple(lc.unet_targets),
                                               lc.unet_rank),
-              'indicator': self.indicator.init(k_i, jnp.zeros((1,) + self.eps_shape))['params']}
+              'indicator': self.init_indicator(k_i)}
     if lc.train_text_encoder:
       params['text_lora'] = lora_lib.init_lora(k_t, self._frozen['text'], tuple(lc.text_targets),
                                                 lc.text_rank)

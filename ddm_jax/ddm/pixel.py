@@ -13,7 +13,8 @@ class PixelDDM(DDM):
     self.config = config
     self.unet = unet_from_config(config.model)
     self.num_class_embeds = self.unet.num_class_embeds or 0
-    self.indicator = Indicator(config.data.num_groups, tuple(config.indicator.hidden))
+    self.indicator = Indicator(config.data.num_groups, tuple(config.indicator.hidden),
+                               input=config.indicator.get('input', 'eps'))
     self.sched = schedule_from_config(config.diffusion)
     r, ch = config.data.resolution, config.model.out_channels
     self.sample_shape = (r, r, config.model.in_channels)
@@ -28,7 +29,7 @@ class PixelDDM(DDM):
     ctx = (jnp.zeros((1, 1, self.unet.cross_attention_dim))
            if self.unet.cross_attention_dim else None)
     return {'unet': self.unet.init(k_u, x, t, ctx, cls)['params'],
-            'indicator': self.indicator.init(k_i, jnp.zeros((1,) + self.eps_shape))['params']}
+            'indicator': self.init_indicator(k_i)}
 
   def model_fn(self, params, frozen, x_t, t, class_labels=None, context=None):
     return self.unet.apply({'params': params['unet']}, x_t, t, context, class_labels)

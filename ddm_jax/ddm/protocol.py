@@ -11,6 +11,8 @@ sampler input, HWC) and `eps_shape` (the network output the indicator reads, HWC
 """
 import abc
 
+import jax.numpy as jnp
+
 
 class DDM(abc.ABC):
   latent = False        # True: samples live in a VAE latent space (Stable Diffusion)
@@ -38,9 +40,23 @@ class DDM(abc.ABC):
   def model_fn(self, params, frozen, x_t, t, **cond):
     """The network output (predicted noise, or v) at x_t, t."""
 
-  def indicator_fn(self, params, eps_pred):
-    """Group logits [B, K] from the predicted noise (`self.indicator` on params['indicator'])."""
-    return self.indicator.apply({'params': params['indicator']}, eps_pred)
+  @property
+  def indicator_input(self):
+    """What the indicator reads: 'eps' (the predicted noise, DDM's indicator) or 'x_t'
+    (the noisy input and the timestep: a noise-aware classifier, config indicator.input)."""
+    return getattr(getattr(self, 'indicator', None), 'input', 'eps')
+
+  def indicator_fn(self, params, eps_pred, x_t, t):
+    """Group logits [B, K] (`self.indicator` on params['indicator']) from the predicted
+    noise `eps_pred` at (x_t, t); an 'x_t' indicator reads x_t and t instead. Callers
+    pass all three, so either kind plugs into training, guidance and evaluation."""
+    return self.indicator.apply({'params': params['indicator']}, eps_pred, x_t, t)
+
+  def init_indicator(self, rng):
+    """Fresh params['indicator'] for `self.indicator`, on dummy inputs of this model's shapes."""
+    return self.indicator.init(rng, jnp.zeros((1,) + tuple(self.eps_shape)),
+                               jnp.zeros((1,) + tuple(self.sample_shape)),
+                               jnp.zeros((1,), jnp.int32))['params']
 
   def sample_cond(self, params, frozen, batch_size, **per_sample):
     """Conditioning for a batch of samples (none here; the prompt's embedding for SD)."""

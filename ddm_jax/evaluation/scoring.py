@@ -19,7 +19,8 @@ def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, ba
   at uniformly random timesteps and passed through the UNet (as the reference code
   evaluates); accuracy also per quarter of the timestep range. Batches go through the
   model's own preparation (`host_features`, `prepare_batch`: for Stable Diffusion the
-  prompt's tokens and the VAE), and the indicator reads the predicted noise as in training."""
+  prompt's tokens and the VAE), and the indicator reads the predicted noise as in training
+  (or x_t and t, for an indicator with input 'x_t')."""
   n = min(int(num), len(labels))
   rng = np.random.default_rng(seed)
   idx = rng.permutation(len(labels))[:n]
@@ -34,7 +35,7 @@ def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, ba
       noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
       x_t = add_noise(ddm.sched, x0, noise, t)
       out = ddm.model_fn(params, frozen, x_t, t, **cond)
-      return ddm.indicator_fn(params, predicted_noise(ddm.sched, out, x_t, t))
+      return ddm.indicator_fn(params, predicted_noise(ddm.sched, out, x_t, t), x_t, t)
 
     _ENTROPY_FNS[key] = jax.jit(fn)
   fn = _ENTROPY_FNS[key]

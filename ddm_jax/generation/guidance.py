@@ -150,7 +150,9 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
   composite classifier) follows both; ``'x0'`` stops the direct term, so the
   gradient moves ``x_t`` only as far as that changes what the UNet thinks the
   clean image is. The value the indicator reads is the same in both; only the
-  gradient differs.
+  gradient differs. A noise-aware classifier (``indicator.input = 'x_t'``) reads x_t and
+  t itself: its gradient is taken w.r.t. x_t directly, not through the UNet, and only
+  ``'unet'`` (the plain gradient) applies.
 
   ``clip_x0``: clip the *unguided* x0 estimate to ``[-clip_x0, clip_x0]``
   before the guidance term is added, and run the sampler itself without
@@ -165,6 +167,10 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
     raise ConfigError(f'grad_clip must be positive, got {grad_clip}')
   if path not in PATHS:
     raise ConfigError(f'guidance path must be one of {PATHS}, got {path!r}')
+  reads_x_t = getattr(ddm, 'indicator_input', 'eps') == 'x_t'
+  if reads_x_t and path != 'unet':
+    raise ConfigError(f"guidance path {path!r} follows the UNet's noise estimate; this "
+                      "model's indicator reads x_t (indicator.input='x_t'): use path 'unet'")
 
   def guidance(params, frozen, denoise, cond):
     del denoise  # rebuilt below from the same UNet call that yields the gradient
@@ -180,17 +186,27 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
     def guided(x, t):
       tb = jnp.full((x.shape[0],), t, jnp.int32)
 
-      def log_prob(x_in):
-        out = net.model_fn(params, frozen, x_in, tb, **cond_kw)
-        eps = predicted_noise(sched, out, x_in, tb)
-        if path == 'x0':  # same value; the direct d eps / d x_t = I / s term removed
-          _, s = alpha_sigma(sched, tb, x_in)
-          eps = eps - (x_in - jax.lax.stop_gradient(x_in)) / s
-        logp = jax.nn.log_softmax(ddm.indicator_fn(params, eps).astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-        return picked.sum(), out  # samples are independent: grad of the sum = per-sample grads
+      def picked_sum(logits):  # samples are independent: grad of the sum = per-sample grads
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0].sum()
 
-      grad, out = jax.grad(log_prob, has_aux=True)(x)
+      if reads_x_t:
+        # A noise-aware classifier log p(y | x_t, t): the gradient flows through x_t
+        # directly; the UNet runs once, without a VJP (the indicator is handed its
+        # noise estimate too, as a constant).
+        out = net.model_fn(params, frozen, x, tb, **cond_kw)
+        eps_c = jax.lax.stop_gradient(predicted_noise(sched, out, x, tb))
+        grad = jax.grad(lambda x_in: picked_sum(ddm.indicator_fn(params, eps_c, x_in, tb)))(x)
+      else:
+        def log_prob(x_in):
+          out = net.model_fn(params, frozen, x_in, tb, **cond_kw)
+          eps = predicted_noise(sched, out, x_in, tb)
+          if path == 'x0':  # same value; the direct d eps / d x_t = I / s term removed
+            _, s = alpha_sigma(sched, tb, x_in)
+            eps = eps - (x_in - jax.lax.stop_gradient(x_in)) / s
+          return picked_sum(ddm.indicator_fn(params, eps, x_in, tb)), out
+
+        grad, out = jax.grad(log_prob, has_aux=True)(x)
       if grad_clip:
         norm = jnp.sqrt(jnp.sum(grad ** 2, axis=tuple(range(1, grad.ndim)), keepdims=True))
         grad = grad * jnp.minimum(1.0, grad_clip / jnp.maximum(norm, 1e-12))

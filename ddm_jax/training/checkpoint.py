@@ -275,13 +275,21 @@ class Checkpointer:
       self.manager.close()
 
 
+# Keys added to those sections after checkpoints were written: a saved config without
+# one holds its default.
+SECTION_DEFAULTS = {'indicator': {'input': 'eps'}}
+
+
 def check_compatible(saved, config, workdir):
   """Refuse to continue a run whose model differs from the checkpoint's."""
   new = config_to_json(config)
   for section in COMPATIBLE_SECTIONS:
-    if saved.get(section) != new.get(section):
-      diff = sorted(k for k in set(saved.get(section) or {}) | set(new.get(section) or {})
-                    if (saved.get(section) or {}).get(k) != (new.get(section) or {}).get(k))
+    defaults = SECTION_DEFAULTS.get(section, {})
+    fill = lambda d: None if d is None else {**defaults, **d}  # noqa: E731
+    old_s, new_s = fill(saved.get(section)), fill(new.get(section))
+    if old_s != new_s:
+      diff = sorted(k for k in set(old_s or {}) | set(new_s or {})
+                    if (old_s or {}).get(k) != (new_s or {}).get(k))
       raise ConfigError(
           f'{workdir} holds checkpoints of a different model (config.{section}: '
           f'{", ".join(diff) or section} differ); use a new --workdir or the saved config')

@@ -86,7 +86,17 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
       print(f'resumed from {ckpt.directory}/{start}', flush=True)
   else:
     start = 0
-    state = setup.init_state()
+    init_from = config.train.get('init_from', '')
+    if init_from:  # a new run only: a resumed one restores its own checkpoint
+      state, info = setup.init_state_from(init_from)
+      if is_main:
+        write_json(os.path.join(workdir, 'init_from.json'), info)
+        print(f"init_from {info['base']} (step {info['step']}, {info['source']}): copied "
+              f"{info['copied']} UNet leaves, kept {len(info['kept'])} fresh "
+              f"({', '.join(info['kept']) or 'none'}), {len(info['unused'])} base leaves unused",
+              flush=True)
+    else:
+      state = setup.init_state()
     if is_main:
       write_json(os.path.join(workdir, 'config.json'), config_to_json(config))
 

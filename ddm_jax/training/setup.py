@@ -11,12 +11,14 @@ import dataclasses
 import os
 from typing import Any
 
+import flax
 import jax
 import ml_collections
 
 from ddm_jax import parallel
+from ddm_jax.config import is_latent
 from ddm_jax.ddm import DDM, build_ddm
-from ddm_jax.errors import CheckpointError
+from ddm_jax.errors import CheckpointError, ConfigError
 from ddm_jax.hostmem import release_host_memory
 from ddm_jax.training.checkpoint import Checkpointer, config_from_json
 from ddm_jax.training.optim import make_optimizer
@@ -41,7 +43,8 @@ class TrainSetup:
     self.mesh = mesh if mesh is not None else parallel.make_mesh()
     self.repl = parallel.replicated(self.mesh)
     self.data = parallel.batch_sharding(self.mesh)
-    self.tx = make_optimizer(config.optim, config.train.num_steps)
+    self.tx = make_optimizer(config.optim, config.train.num_steps,
+                             config.train.get('trainable', 'all'))
     self._params = params
     # The init is traced once: its abstract result here, its program in init_state (a
     # second trace of the model's init was ~1 s of a warm train.py start).
@@ -66,6 +69,37 @@ class TrainSetup:
       return jax.device_put(self._state_from(params), self.shardings)
     return self._traced_init.lower().compile()(init_key(self.config))
 
+  def init_state_from(self, base_workdir):
+    """A fresh state whose params['unet'] is the trained workdir `base_workdir`'s (config
+    train.init_from): its EMA weights where it kept them, else its params. Leaves the
+    base lacks (e.g. the class embedding of a group-conditioned UNet tuned from an
+    unconditional base) and the whole indicator keep their fresh init. Returns
+    (state, info): info counts and names the copied, kept and unused leaves."""
+    fresh = self.init_state().params
+    if not isinstance(fresh, dict) or 'unet' not in fresh:
+      raise ConfigError('config.train.init_from: this model has no params["unet"] to copy into '
+                        '(pixel models only)')
+    base, info = load_base_unet(base_workdir)
+    new_flat = _flat(fresh['unet'])
+    base_flat = _flat(base)
+    copied, kept, merged = [], [], {}
+    for path, leaf in new_flat.items():
+      if path not in base_flat:
+        kept.append(path)
+        merged[path] = leaf
+        continue
+      b = base_flat[path]
+      if tuple(b.shape) != tuple(leaf.shape):
+        raise ConfigError(f'config.train.init_from: leaf unet/{path} has shape {tuple(b.shape)} '
+                          f'in {base_workdir} but {tuple(leaf.shape)} in this model')
+      copied.append(path)
+      merged[path] = b.astype(leaf.dtype)
+    info.update(copied=len(copied), kept=sorted(kept),
+                unused=sorted(p for p in base_flat if p not in new_flat))
+    params = dict(fresh, unet=flax.traverse_util.unflatten_dict(merged, sep='/'))
+    del fresh, base, base_flat, new_flat
+    return self.init_state(params), info
+
   def frozen(self):
     return jax.device_put(self.ddm.frozen(), self.repl)
 
@@ -87,6 +121,38 @@ class TrainSetup:
                                     spec(frozen, self.repl)).compile()
     release_host_memory()
     return compiled
+
+
+def _flat(tree):
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+
+
+def load_base_unet(workdir):
+  """params['unet'] of the latest checkpoint in the pixel workdir `workdir` (EMA where
+  kept, else the params) and {'base', 'step', 'source'}; ConfigError (config.train.init_from)
+  when there is no checkpoint to read."""
+  where = os.path.abspath(workdir)
+  if not os.path.isdir(os.path.join(where, 'checkpoints')):
+    raise ConfigError(f'config.train.init_from: no checkpoints in {where} (train the base first)')
+  ckpt = Checkpointer(where, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ConfigError(f'config.train.init_from: no finished checkpoint in {ckpt.directory}')
+    config = config_from_json(ckpt.read_config(step))
+    if is_latent(config):
+      raise ConfigError(f'config.train.init_from: {where} is a latent (Stable Diffusion) run; '
+                        'only pixel UNets can be copied')
+    setup = TrainSetup(build_ddm(config), config)
+    state, _ = ckpt.restore(step, setup.target, with_data=False)
+  finally:
+    ckpt.close()
+  source = 'params' if state.ema_params is None else 'ema_params'
+  if not isinstance(state.params, dict) or 'unet' not in state.params:
+    raise ConfigError(f'config.train.init_from: {where} holds no params["unet"]')
+  unet = state.sample_params['unet']
+  del state
+  return unet, {'base': where, 'step': int(step), 'source': source}
 
 
 @dataclasses.dataclass

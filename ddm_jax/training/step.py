@@ -12,23 +12,39 @@ def make_train_step(ddm, config, tx):
   fold_in(key(seed), step): nothing depends on how a run was split or sharded."""
   seed, decay = config.train.seed, config.train.ema_decay
   w_rec, w_ind = config.loss.w_rec, config.loss.w_ind
+  group_weights = tuple(float(w) for w in config.loss.get('group_weights', ())) or None
+  trainable = config.train.get('trainable', 'all')
+
+  def only_trainable(p):
+    """With train.trainable = 'indicator' no gradient reaches the other subtrees (their
+    backward pass is not computed, and grad_norm is the indicator's)."""
+    if trainable == 'all':
+      return p
+    return {k: v if k == 'indicator' else jax.lax.stop_gradient(v) for k, v in p.items()}
+
+  def keep_frozen(new, old):
+    """The frozen subtrees exactly as they were (zero updates and the EMA's arithmetic
+    could otherwise flip a bit of them)."""
+    if trainable == 'all' or new is None:
+      return new
+    return {k: new[k] if k == 'indicator' else old[k] for k in new}
 
   def step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     k_batch, k_loss = jax.random.split(rng)
     x0, labels, cond = ddm.prepare_batch(frozen, batch, k_batch)
     model_fn = lambda p, x_t, t: ddm.model_fn(p, frozen, x_t, t, **cond)
-    loss_fn = lambda p: ddm_loss(model_fn, ddm.indicator_fn, p, x0, labels, k_loss, ddm.sched,
-                                 w_rec, w_ind)
+    loss_fn = lambda p: ddm_loss(model_fn, ddm.indicator_fn, only_trainable(p), x0, labels,
+                                 k_loss, ddm.sched, w_rec, w_ind, group_weights)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics['grad_norm'] = optax.global_norm(grads)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
 
     def update(state):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      ema = None if state.ema_params is None else ema_after_update(
-          tx, opt_state, state.ema_params, params, decay, state.step)
+      params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
+      ema = None if state.ema_params is None else keep_frozen(ema_after_update(
+          tx, opt_state, state.ema_params, params, decay, state.step), state.ema_params)
       return state.replace(params=params, opt_state=opt_state, ema_params=ema)
 
     # A non-finite step changes nothing but the step and the counters, so no NaN
