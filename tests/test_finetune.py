@@ -17,6 +17,7 @@ from ddm_jax.errors import ConfigError
 from ddm_jax.generation import guidance as G
 from ddm_jax.generation.generator import generate
 from ddm_jax.objective import ddm_loss
+from ddm_jax.training.checkpoint import check_compatible, config_to_json
 from ddm_jax.training.loop import train
 from ddm_jax.training.optim import trainable_labels
 from ddm_jax.training.setup import TrainSetup, load_trained
@@ -175,3 +176,12 @@ def test_posthoc_x_t_classifier_on_a_frozen_unet_trains_and_guides(base, data_di
   assert np.asarray(imgs).shape[0] == 4 and np.all(np.isfinite(np.asarray(imgs)))
   with pytest.raises(ConfigError, match="path 'x0'"):
     G.make_indicator_guidance(loaded.ddm, path='x0')
+
+
+def test_checkpoints_saved_before_indicator_input_existed_still_resume(data_dir):
+  config = tiny_config(data_dir)
+  saved = config_to_json(config)
+  del saved['indicator']['input']
+  check_compatible(saved, config, 'w')                      # the default, 'eps': same model
+  with pytest.raises(ConfigError, match='indicator: input differ'):
+    check_compatible(saved, tiny_config(data_dir, **{'indicator.input': 'x_t'}), 'w')
