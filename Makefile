@@ -1,4 +1,5 @@
-# make demo : train a DDM on the embedded biased digits, then sample (creates .venv)
+# make demo : train a DDM on the embedded biased digits, then sample it unguided and guided,
+#             side by side with their FD (creates .venv)
 # make test : the whole test suite (what .ci/run runs)
 # make bench: JAX vs the PyTorch reference, one JSON line per preset (BENCHMARKS.md;
 #             BENCH_ARGS='small --rounds 5' picks presets/options)
@@ -28,9 +29,10 @@ $(VENV)/.test: $(VENV)/.core
 demo: $(VENV)/.core
 	@start=$$(date +%s); \
 	$(THP) $(PY) train.py --config=configs/digits.py --workdir=$(WORKDIR) && \
-	$(THP) $(PY) sample.py --workdir=$(WORKDIR) --num_samples=64 && \
+	$(THP) $(PY) -m ddm_jax.cli.compare --workdir=$(WORKDIR) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: metrics $(WORKDIR)/metrics.jsonl, \
-	checkpoints $(WORKDIR)/checkpoints, grids $(WORKDIR)/samples, images $(WORKDIR)/generated"
+	checkpoints $(WORKDIR)/checkpoints, evaluations $(WORKDIR)/eval/before_after, \
+	the picture $(WORKDIR)/before_after.png"
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -140,3 +140,41 @@ def plot_xy(path, xs, series, xlabel, ylabel, title=''):
   ax.grid(alpha=0.3)
   ax.legend(fontsize='small')
   _save(fig, path)
+
+
+def plot_frontier(path, curves, points, xlabel, ylabel, title=''):
+  """Trade-off plot: ``curves`` maps a label to ``(xs, ys)`` drawn as a line (e.g. one
+  method over its guidance scales), ``points`` maps a label to one ``(x, y)`` marker."""
+  if not curves and not points:
+    raise DataError('nothing to plot: no curves and no points')
+  fig = Figure(figsize=(6.4, 4.2))
+  ax = fig.add_subplot()
+  for name, (xs, ys) in curves.items():
+    ax.plot(np.asarray(xs, np.float64), np.asarray(ys, np.float64), marker='o', alpha=0.7,
+            label=str(name))
+  markers = 's^vD*PXh<>'
+  for i, (name, (x, y)) in enumerate(points.items()):
+    ax.plot([x], [y], linestyle='none', marker=markers[i % len(markers)], markersize=8,
+            markeredgecolor='black', label=str(name))
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='x-small', loc='best')
+  _save(fig, path)
+
+
+def save_side_by_side(path, grids, titles, upscale=6):
+  """Image grids (uint8 [H, W, C] each, e.g. images.make_grid) next to each other, each
+  under its title: the before/after picture of the demo."""
+  if len(grids) != len(titles) or not grids:
+    raise DataError(f'need one title per grid, got {len(grids)} grids and {len(titles)} titles')
+  fig = Figure(figsize=(3.2 * len(grids), 3.6))
+  for i, (grid, title) in enumerate(zip(grids, titles)):
+    ax = fig.add_subplot(1, len(grids), i + 1)
+    g = np.repeat(np.repeat(np.asarray(grid), upscale, 0), upscale, 1)
+    ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap='gray', vmin=0, vmax=255,
+              interpolation='nearest')
+    ax.set_title(title, fontsize=9)
+    ax.axis('off')
+  _save(fig, path)

@@ -1,0 +1,32 @@
+"""python -m ddm_jax.cli.compare: a trained DDM sampled unguided and with indicator guidance,
+side by side with their FD (`ddm_jax.experiments.before_after`; the end of `make demo`)."""
+import argparse
+import sys
+
+from ddm_jax.cli.common import cli, parse
+from ddm_jax.errors import ConfigError
+from ddm_jax.experiments.before_after import before_after
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog='python -m ddm_jax.cli.compare', description=__doc__)
+  p.add_argument('--workdir', required=True, help='a train.py workdir whose model has w_ind > 0')
+  p.add_argument('--guidance_scale', type=float, default=8.0,
+                 help='default 8: the smallest scale of RESULTS.md that brought the demo model '
+                      'near FD 0.03 at 4:1')
+  p.add_argument('--num_samples', type=int, default=256)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--out', default=None, help='default <workdir>/before_after.png')
+  return parse(p, argv)
+
+
+@cli
+def main(argv):
+  args = parse_args(argv)
+  if args.num_samples < 8:
+    raise ConfigError(f'--num_samples must be >= 8, got {args.num_samples}')
+  before_after(args.workdir, args.guidance_scale, args.num_samples, args.seed, args.out)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,160 @@
+"""The paper-regime experiment: model configs, the dev/test selection rule, resume, K >= 3,
+and the published summary recomputed from its published rows."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import digits, digits_base
+from ddm_jax.cli.regime import main as regime_main
+from ddm_jax.errors import ConfigError
+from ddm_jax.experiments import regime as R
+from ddm_jax.experiments.regime import plan as P
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results')
+
+
+def test_finetune_configs():
+  base = digits.get_config()
+  c = P.finetune_config(base, '7/8', '9:1', 3, 3e-4, 250, 'reweight', '/b')
+  assert c.data.groups == ((7,), (8,)) and c.data.proportions == pytest.approx((0.9, 0.1))
+  assert c.data.shuffle_seed == 3 and c.train.seed == 3     # subsample, order and init vary
+  assert c.train.init_from == '/b' and c.optim.schedule == 'constant' and c.optim.lr == 3e-4
+  assert c.loss.group_weights == pytest.approx((1 / 1.8, 1 / 0.2))
+  assert np.dot(c.data.proportions, c.loss.group_weights) == pytest.approx(1.0)
+  ph = P.finetune_config(base, '0/1', '4:1', 0, 1e-4, 10, 'classifier', '/b', plain_workdir='/p')
+  assert ph.train.init_from == '/p' and ph.train.trainable == 'indicator'
+  assert (ph.loss.w_rec, ph.loss.w_ind) == (0.0, 1.0) and ph.indicator.input == 'x_t'
+  d = P.finetune_config(base, '0/1/2', '4:1:1', 0, 1e-4, 10, 'ddm', '/b', alpha=0.05)
+  assert d.data.num_groups == 3 and (d.loss.w_rec, d.loss.w_ind) == pytest.approx((0.95, 0.05))
+  assert P.finetune_config(base, '0/1', '1:1', 0, 1e-4, 10, 'cond', '/b').model.num_class_embeds == 2
+  assert base.train.init_from == '' and base.loss.group_weights == ()   # left as it was
+  b = digits_base.get_config()
+  assert b.data.num_groups == 10 and b.loss.w_ind == 0 and b.data.split == 'balanced'
+
+
+@pytest.mark.parametrize('plan_kw', [dict(pairs=('0/0',)), dict(pairs=('0/1',), ratios=('4:0',)),
+                                     dict(ratios=('4:1:1',)), dict(methods=('plain', 'magic')),
+                                     dict(dev_seeds=(1,), test_seeds=(1,)), dict(lr=0.0, lrs=())])
+def test_bad_plans_fail_before_training(plan_kw):
+  with pytest.raises(ConfigError):
+    P.check(R.RegimePlan(**plan_kw))
+
+
+def test_selection_rule():
+  rows = [dict(method='posthoc', pair='0/1', ratio='4:1', alpha=0.0, scale=s, fd=fd, split='dev')
+          for s, fd in ((1.0, 0.3), (2.0, 0.04), (4.0, 0.01))]
+  assert P.select_scale(rows, 'posthoc', '0/1', '4:1', 0.0, (1.0, 2.0, 4.0), 0.05) == 2.0
+  assert P.select_scale(rows, 'posthoc', '0/1', '4:1', 0.0, (1.0, 2.0, 4.0), 0.005) == 4.0
+  assert P.select_scale(rows, 'classifier', '0/1', '4:1', 0.0, (1.0,), 0.05) is None
+
+
+class Fakes:
+  """Training makes the folder; an evaluation's FD falls with the guidance scale, more for
+  DDM than for the post-hoc guide, and differs per seed (so dev and test differ)."""
+
+  def __init__(self, fail_after=None):
+    self.trained, self.evaluated, self.fail_after = [], [], fail_after
+
+  def train(self, config, workdir):
+    self.trained.append(os.path.relpath(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'cfg.json'), 'w') as f:
+      json.dump({'w_ind': config.loss.w_ind, 'k': config.data.num_groups,
+                 'init_from': config.train.init_from}, f)
+
+  def evaluate(self, workdir, settings, out_dir, with_indicator):
+    if self.fail_after is not None and len(self.evaluated) >= self.fail_after:
+      raise KeyboardInterrupt
+    self.evaluated.append((workdir, settings.guidance_scale, settings.seed))
+    with open(os.path.join(workdir, 'cfg.json')) as f:
+      cfg = json.load(f)
+    k = cfg['k']
+    pull = 0.2 if 'ddm' in workdir else 0.1
+    p0 = max(1.0 / k, 0.8 - pull * settings.guidance_scale - 0.01 * settings.seed)
+    p = [p0] + [(1 - p0) / (k - 1)] * (k - 1)
+    fd = float(np.linalg.norm(np.array(p) - 1.0 / k))
+    return {'fairness': {'fd': fd, 'fd_paper': abs(p0 - 0.5) if k == 2 else None, 'kl': 0.0,
+                         'fd_ci95': [fd * 0.9, fd * 1.1], 'proportions': p, 'ci95_lo': p,
+                         'ci95_hi': p, 'guide_hit_rate': 0.9 if settings.guidance_scale else None},
+            'quality': {'fcd': 1.0, 'fcd_vs_train': 1.0 + settings.seed, 'fcd_within_group_mean': 1.0,
+                        'precision': 0.9, 'recall': 0.8, 'noise_floor_fcd': 0.5,
+                        'noise_floor_precision': 0.9, 'noise_floor_recall': 0.9,
+                        'equal_n': {'n': 5, 'group_counts': [5] * k, 'kid_mean': 1e-3,
+                                    'kid_floor_mean': 1e-4, 'fcd_mean': 2.0 + settings.guidance_scale,
+                                    'fcd_floor_mean': 1.0}},
+            'indicator': {'entropy_mean': 0.4, 'accuracy': 0.7} if with_indicator else None,
+            'data': {'train_proportions': [0.8] + [0.2 / (k - 1)] * (k - 1),
+                     'evaluator': {'heldout_accuracy': 1.0}},
+            'sampling': {'seconds': 0.0}, 'num_samples': settings.num_samples,
+            'checkpoint_step': 1, 'workdir': workdir}
+
+
+PLAN = dict(pairs=('0/1', '0/1/2'), ratios=('4:1', '4:1:1'), alphas=(0.0, 0.05),
+            dev_seeds=(0,), test_seeds=(1, 2), scales=(1.0, 2.0, 4.0), base_steps=5,
+            finetune_steps=5, lrs=(1e-4, 1e-3), num_samples=20, quality_n=5)
+
+
+def _runner(tmp_path, fakes, **kw):
+  return R.Runner(digits_base.get_config(), digits.get_config(), R.RegimePlan(**{**PLAN, **kw}),
+                  str(tmp_path), log=lambda m: None, train_fn=fakes.train,
+                  evaluate_fn=fakes.evaluate)
+
+
+def test_dev_then_test_resume_and_summary(tmp_path):
+  with pytest.raises(KeyboardInterrupt):
+    _runner(tmp_path, Fakes(fail_after=9)).run()
+  fakes = Fakes()
+  runner = _runner(tmp_path, fakes)
+  lr = runner.run()
+  assert lr == 1e-4                                   # lowest FCD vs train on the dev cell
+  assert len(fakes.evaluated) == len(runner.results.rows) - 9   # nothing evaluated twice
+  assert len({r['id'] for r in runner.results.rows}) == len(runner.results.rows)
+  # one base for everything, trained once; the post-hoc guide starts from the plain model
+  assert fakes.trained.count(os.path.relpath(os.path.join(tmp_path, 'base'))) == 0
+  rows = runner.results.rows
+  chosen = R.selected_scales(rows, runner.plan)
+  # the rule on the dev rows: ddm falls faster, so it needs a smaller scale
+  assert chosen[('ddm+guide', '0/1', '4:1', 0.05)] == 2.0
+  assert chosen[('posthoc', '0/1', '4:1', 0.0)] == 4.0
+  test_scales = {r['scale'] for r in rows if r['split'] == 'test' and r['method'] == 'posthoc'
+                 and r['pair'] == '0/1'}
+  assert test_scales == {4.0}                         # test seeds: the selected scale only
+  assert {r['pair'] for r in rows} >= {'0/1', '0/1/2'}   # K = 3 with the same commands
+  for r in rows:
+    if r['method'] in ('posthoc', 'classifier'):
+      with open(os.path.join(r['workdir'], 'cfg.json')) as f:
+        assert f.read().count('plain') == 1           # init_from: the plain fine-tune
+  summary, md = R.write_summary(runner, 'unit', 1.0, lr, publish=str(tmp_path / 'pub'))
+  assert 'Every method at its selected scale' in md and '0/1/2' in md
+  _check_published(str(tmp_path / 'pub' / 'regime_unit.json'))
+  assert glob.glob(str(tmp_path / 'pub' / 'regime_unit_fd_vs_quality_*.png'))
+
+
+def _check_published(path):
+  with open(path, encoding='utf-8') as f:
+    published = json.load(f)
+  with open(path.replace('.json', '_rows.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  assert published['summary'] == json.loads(json.dumps(R.summarize(rows)))
+  plan = R.RegimePlan(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in published['meta']['plan'].items()})
+  chosen = [{'method': k[0], 'pair': k[1], 'ratio': k[2], 'alpha': k[3], 'scale': v}
+            for k, v in sorted(R.selected_scales(rows, plan).items())]
+  assert published['selected_scales'] == chosen
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(RESULTS, 'regime*.json'))))
+def test_published_summary_matches_its_rows(path):
+  _check_published(path)
+
+
+def test_results_folder_has_a_published_regime_run():
+  assert glob.glob(os.path.join(RESULTS, 'regime*.json')), 'run python -m ddm_jax.cli.regime --publish=results'
+
+
+def test_cli_bad_input(tmp_path, capsys):
+  assert regime_main(['--out', str(tmp_path / 'o'), '--pairs', '0/11']) != 0
+  assert 'pair' in capsys.readouterr().err
