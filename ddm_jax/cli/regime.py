@@ -58,7 +58,7 @@ def main(argv):
   fields = {f.name for f in dataclasses.fields(RegimePlan)}
   plan = dataclasses.replace(PRESETS[preset], **{k: v for k, v in vars(args).items()
                                                   if v is not None and k in fields})
-  base_cfg = load_config(args.base_config, [])
+  base_cfg = load_config(args.base_config, {})
   ft_cfg = load_config(args.config, overrides)
   name = args.name or preset
   out = args.out or os.path.join('sweeps', f'regime_{name}')

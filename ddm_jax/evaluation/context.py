@@ -196,7 +196,33 @@ class EvalContext:
     self.train_counts = np.bincount(y_tr, minlength=self.num_groups)
     self.train_proportions = self.train_counts / self.train_counts.sum()
     self.target = parse_target(settings.target, self.num_groups)
+    self.digit_evaluator, self.group_of_class = self._off_target_check(data_cfg, settings)
     self.setup_seconds = time.time() - t0
+
+  def _off_target_check(self, data_cfg, settings):
+    """biased_digits: (a ten-digit CNN, int [10] group of each digit or -1), to find the
+    samples that are no digit of any group (a base pretrained on all ten digits can still
+    draw them); the group evaluator alone would count each as some group. Else (None, None)."""
+    if data_cfg.name != 'biased_digits' or settings.evaluator != 'cnn':
+      return None, None
+    all_cfg = ml_collections.ConfigDict(copy.deepcopy(data_cfg.to_dict()))
+    all_cfg.groups = tuple((d,) for d in range(10))
+    all_cfg.num_groups = 10
+    all_cfg.proportions = (0.1,) * 10
+    all_cfg.shuffle_seed = 0   # its evaluator/test splits do not depend on it: prepare once
+    data_lib.prepare(all_cfg, self.data_dir)
+    x_ev, y_ev = data_lib.load_arrays(all_cfg, self.data_dir, 'evaluator')
+    x_ho, y_ho = data_lib.load_arrays(all_cfg, self.data_dir, 'test')
+    cache_dir = settings.cache_dir or os.environ.get('DDM_EVAL_CACHE') or DEFAULT_CACHE
+    ev_obj = classifier.load_or_train_evaluator(
+        cache_dir, evaluator_cache_key(all_cfg, {'evaluator': 'evaluator', 'heldout': 'test'}),
+        x_ev, y_ev, 10, val_images=x_ho, val_labels=y_ho, seed=settings.evaluator_seed,
+        steps=settings.evaluator_steps)
+    self.evaluator_info['digit_evaluator_heldout_accuracy'] = float(ev_obj.accuracy)
+    table = np.full(10, -1, np.int64)
+    for g, digits in enumerate(data_cfg.groups):
+      table[list(digits)] = g
+    return ev_obj.params, table
 
   def _evaluator(self, data_cfg, settings, x_ev, y_ev, x_ho, y_ho):
     """(evaluator, info): the small CNN, trained once and cached, or a plugged-in one."""

@@ -79,6 +79,9 @@ def render_markdown(report):
            f"| FD = L2(p_hat, target) | {f['fd']:.4f} (95% CI {fmt(f['fd_ci95'], 4)}) |"]
   if 'fd_paper' in f:
     lines.append(f"| FD, DDM-table form abs(p_0 - 0.5) | {f['fd_paper']:.4f} |")
+  if f.get('off_target') is not None:
+    lines.append(f"| off target (no group's digit; left out of the proportions) | "
+                 f"{f['off_target']:.4f} |")
   lines.append(f"| KL(p_hat ‖ target) | {f['kl']:.5f} |")
   if 'spd' in f:
     lines.append(f"| SPD (conditioned hit rates {fmt(f['conditioned_hit_rates'], 3)}) | "
@@ -127,8 +130,10 @@ def write_outputs(out_dir, report, images, pred, num_groups):
                                f['ci95_lo'], f['ci95_hi'], f['target'],
                                report['data']['train_proportions'], title=title)
   m = min(256, len(pred))
+  # Off-target samples (-1) get the last band of their own.
+  shown = np.where(pred[:m] < 0, num_groups, pred[:m]).astype(np.int64)
   plots.save_grid_sorted_by_group(os.path.join(out_dir, 'samples_by_group.png'), images[:m],
-                                  pred[:m].astype(np.int64), num_groups)
+                                  shown, num_groups + int(np.any(pred < 0)))
   np.savez_compressed(os.path.join(out_dir, 'samples.npz'), images=to_uint8(images), pred=pred)
   write_json(os.path.join(out_dir, 'report.json'), report, default=float)
   write_text(os.path.join(out_dir, 'report.md'), render_markdown(report))

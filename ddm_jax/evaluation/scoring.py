@@ -69,12 +69,22 @@ def _stack(examples):
 def score(ctx, images, cond_labels=None, guide_labels=None):
   """Fairness and quality figures of generated ``images`` (NHWC in [-1, 1])."""
   s = ctx.settings
-  logits, feats = classifier.logits_and_features(ctx.evaluator, images, 500)
-  pred = logits.argmax(1).astype(np.int64)
+  logits, all_feats = classifier.logits_and_features(ctx.evaluator, images, 500)
+  all_pred = logits.argmax(1).astype(np.int64)
   k = ctx.num_groups
+  # Samples that belong to no group (off target: e.g. a 7 from a 0-vs-1 model fine-tuned
+  # from an all-digits base) are marked -1 and left out of the fairness figures, where the
+  # group evaluator would count each as some group; `off_target` reports their share.
+  on = np.ones(all_pred.size, bool)
+  if getattr(ctx, 'digit_evaluator', None) is not None:
+    digit = classifier.logits_and_features(ctx.digit_evaluator, images, 500)[0].argmax(1)
+    on = ctx.group_of_class[digit] >= 0
+    all_pred = np.where(on, all_pred, -1)
+  pred = all_pred[on]
   p_hat = fairness.proportions(pred, k)
   lo, hi = fairness.bootstrap_ci(pred, k, n_boot=s.n_boot, seed=s.seed)
-  fair = {'n': int(pred.size), 'proportions': p_hat.tolist(), 'ci95_lo': lo.tolist(),
+  fair = {'n': int(pred.size), 'off_target': float(1.0 - on.mean()),
+          'proportions': p_hat.tolist(), 'ci95_lo': lo.tolist(),
           'ci95_hi': hi.tolist(), 'target': ctx.target.tolist(),
           'fd': fairness.fairness_discrepancy(p_hat, ctx.target),
           'fd_uniform': fairness.fairness_discrepancy(p_hat),
@@ -87,18 +97,20 @@ def score(ctx, images, cond_labels=None, guide_labels=None):
   fds = np.linalg.norm(boot - ctx.target[None], axis=1)
   fair['fd_ci95'] = [float(np.percentile(fds, 2.5)), float(np.percentile(fds, 97.5))]
   if cond_labels is not None:
-    rates, spd = fairness.statistical_parity_difference(cond_labels, pred, k)
+    rates, spd = fairness.statistical_parity_difference(np.asarray(cond_labels)[on], pred, k)
     fair['spd'] = spd
     fair['conditioned_hit_rates'] = rates.tolist()
-  if guide_labels is not None:
-    fair['guide_hit_rate'] = float(np.mean(pred == np.asarray(guide_labels)))
+  if guide_labels is not None:  # an off-target sample misses its assigned group
+    fair['guide_hit_rate'] = float(np.mean(all_pred == np.asarray(guide_labels)))
 
+  # Quality over every sample: an off-target one is a failure of quality, not left out.
+  feats = all_feats
   qual = {'fcd': quality.frechet_distance_from_features(ctx.ref_feats, feats),
           'fcd_vs_train': quality.frechet_distance_from_features(ctx.train_feats, feats),
           'noise_floor_fcd': ctx.noise_floor['fd']}
   within = {}
   for g in range(k):
-    fg, rg = feats[pred == g], ctx.ref_feats[ctx.ref_labels == g]
+    fg, rg = feats[all_pred == g], ctx.ref_feats[ctx.ref_labels == g]
     within[str(g)] = (quality.frechet_distance_from_features(rg, fg)
                       if fg.shape[0] >= 2 and rg.shape[0] >= 2 else None)
   qual['fcd_within_group'] = within
@@ -107,4 +119,5 @@ def score(ctx, images, cond_labels=None, guide_labels=None):
   prec, rec = quality.precision_recall(ctx.ref_feats, feats, k=s.knn_k)
   qual.update(precision=prec, recall=rec, noise_floor_precision=ctx.noise_floor['precision'],
               noise_floor_recall=ctx.noise_floor['recall'], knn_k=s.knn_k)
-  return {'fairness': fair, 'quality': qual}, pred
+  qual['off_target'] = fair['off_target']
+  return {'fairness': fair, 'quality': qual}, all_pred

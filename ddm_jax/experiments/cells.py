@@ -19,7 +19,7 @@ def report_row(report, **extra):
   row.update(
       fd=f['fd'], fd_paper=f.get('fd_paper'), fd_ci95=f.get('fd_ci95'), kl=f['kl'],
       proportions=f['proportions'], ci95_lo=f['ci95_lo'], ci95_hi=f['ci95_hi'],
-      guide_hit_rate=f.get('guide_hit_rate'), spd=f.get('spd'),
+      guide_hit_rate=f.get('guide_hit_rate'), spd=f.get('spd'), off_target=f.get('off_target'),
       fcd=q['fcd'], fcd_vs_train=q['fcd_vs_train'], fcd_within_group_mean=q['fcd_within_group_mean'],
       precision=q['precision'], recall=q['recall'], noise_floor_fcd=q['noise_floor_fcd'],
       noise_floor_precision=q['noise_floor_precision'], noise_floor_recall=q['noise_floor_recall'],
