@@ -36,23 +36,24 @@ UNGUIDED = ('plain', 'ddm', 'reweight', 'cond')
 class RegimePlan:
   pairs: Tuple[str, ...] = ('0/1', '7/8')        # groups: one digit each ('0/1/2' for K = 3)
   ratios: Tuple[str, ...] = ('4:1', '9:1')       # group 0 : group 1 (: ...) of the training split
-  alphas: Tuple[float, ...] = (0.0, 0.01, 0.05)  # DDM indicator weights (0 = the plain arm)
+  alphas: Tuple[float, ...] = (0.0, 0.05)  # DDM indicator weights (0 = the plain arm)
   guided_alphas: Tuple[float, ...] = (0.05,)
   methods: Tuple[str, ...] = ('plain', 'ddm', 'reweight', 'cond', 'posthoc', 'classifier',
                               'ddm+guide')
   dev_seeds: Tuple[int, ...] = (0,)
   test_seeds: Tuple[int, ...] = (1, 2)
-  scales: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+  scales: Tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
   test_all_scales: bool = False
   fd_target: float = 0.05              # selection rule: smallest dev scale with FD <= this
-  base_steps: int = 3000
-  finetune_steps: int = 250            # x batch 64 = 16k images, the reference's 4000 x 4
+  base_steps: int = 1500
+  finetune_steps: int = 150            # x batch 64 = 9.6k images (the reference: 4000 x 4 = 16k)
   lrs: Tuple[float, ...] = (1e-4, 3e-4, 1e-3)   # constant lr, picked on the dev cell
   lr: float = 0.0                      # > 0: use this lr, skip the selection
-  num_samples: int = 1000
+  num_samples: int = 400               # every test evaluation and every unguided one
+  dev_num_samples: int = 200           # guided evaluations on the dev seeds (the scale sweep)
   sample_steps: int = 25
   eta: float = 1.0
-  quality_n: int = 50                  # samples per group for the equal-n quality figures
+  quality_n: int = 40                  # samples per group for the equal-n quality figures
   eval_batch: int = 500
 
 
@@ -62,7 +63,7 @@ PRESETS = {
     'quick': RegimePlan(pairs=('0/1',), ratios=('4:1',), alphas=(0.0, 0.05),
                         methods=('plain', 'ddm', 'posthoc', 'ddm+guide'), test_seeds=(1,),
                         scales=(2.0, 8.0), base_steps=600, finetune_steps=150,
-                        lrs=(), lr=3e-4, num_samples=400, quality_n=30),
+                        lrs=(), lr=3e-4, num_samples=400, dev_num_samples=200, quality_n=30),
 }
 
 

@@ -55,9 +55,10 @@ class Runner:
     return workdir, seconds
 
   # ------------------------------------------------------------------ evaluation
-  def settings(self, seed, scale=None):
+  def settings(self, seed, scale=None, split='test'):
     p = self.plan
-    return EvalSettings(num_samples=p.num_samples, seed=seed, sampler='ddim', steps=p.sample_steps,
+    n = p.dev_num_samples if split == 'dev' and scale is not None else p.num_samples
+    return EvalSettings(num_samples=n, seed=seed, sampler='ddim', steps=p.sample_steps,
                         eta=p.eta, batch_size=p.eval_batch,
                         guidance='indicator' if scale is not None else 'none',
                         guidance_scale=0.0 if scale is None else float(scale),
@@ -69,7 +70,7 @@ class Runner:
     t0 = time.time()
     out_dir = os.path.join(workdir, 'eval', 'unguided' if scale is None else f'S{scale:g}')
     with_indicator = fields.get('method') in ('ddm', 'posthoc', 'classifier')
-    rep = self._evaluate(workdir, self.settings(seed, scale), out_dir, with_indicator)
+    rep = self._evaluate(workdir, self.settings(seed, scale, split), out_dir, with_indicator)
     row = report_row(rep, id=eid, seed=seed, split=split, scale=scale, train_seconds=seconds,
                      finetune_steps=self.plan.finetune_steps, eval_seconds=time.time() - t0,
                      **fields)

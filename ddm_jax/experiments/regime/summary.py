@@ -122,7 +122,7 @@ def summary_markdown(summary, plan, meta, chosen):
            f"pretrained on all ten digits (balanced, {plan.base_steps} steps). Every model: a "
            f"full fine-tune of it, {plan.finetune_steps} steps at batch 64, constant lr "
            f"{meta['lr']:g} ({meta['lr_rule']}). Evaluation: {plan.num_samples} samples per "
-           f'model (DDIM {plan.sample_steps} steps, eta {plan.eta:g}), classified by a CNN '
+           f'model and seed ({plan.dev_num_samples} for the dev seeds\' scale sweep; DDIM {plan.sample_steps} steps, eta {plan.eta:g}), classified by a CNN '
            'trained on real images disjoint from every generator\'s training images. Dev seeds '
            f"{', '.join(map(str, plan.dev_seeds))} pick the guidance scale (smallest with dev "
            f'FD <= {plan.fd_target:g}, else the lowest dev FD); every figure below is on the '
