@@ -218,3 +218,22 @@ def test_evaluate_cli_end_to_end(tiny_conditional, roots, capsys):
   err = capsys.readouterr().err
   assert err.startswith('error:') and 'below the floor' in err and not os.path.exists(bad)
   assert evaluate_main(['--workdir', str(roots['root'] / 'missing')]) == 2
+
+
+def test_before_after_picture(tiny_conditional, roots, monkeypatch, capsys):
+  """The end of `make demo`: unguided and guided samples of one model side by side, each
+  with the FD its evaluation report holds."""
+  from ddm_jax.cli.compare import main as compare_main
+  from PIL import Image
+  monkeypatch.setenv('DDM_EVAL_CACHE', roots['cache'])
+  out = str(roots['root'] / 'before_after.png')
+  assert compare_main(['--workdir', tiny_conditional, '--num_samples', '32', '--steps', '4',
+                       '--guidance_scale', '4', '--out', out]) == 0
+  printed = capsys.readouterr().out
+  assert Image.open(out).size[0] > 2 * Image.open(out).size[1] / 2  # two grids side by side
+  for sub in ('unguided', 'S4'):
+    rep = json.load(open(os.path.join(tiny_conditional, 'eval', 'before_after', sub,
+                                      'report.json')))
+    assert rep['num_samples'] == 32
+    assert f"FD {rep['fairness']['fd']:.4f}" in printed
+  assert compare_main(['--workdir', tiny_conditional, '--num_samples', '4']) != 0

@@ -16,6 +16,7 @@ def parse_args(argv):
                       'near FD 0.03 at 4:1')
   p.add_argument('--num_samples', type=int, default=256)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--steps', type=int, default=25, help='DDIM steps')
   p.add_argument('--out', default=None, help='default <workdir>/before_after.png')
   return parse(p, argv)
 
@@ -25,7 +26,8 @@ def main(argv):
   args = parse_args(argv)
   if args.num_samples < 8:
     raise ConfigError(f'--num_samples must be >= 8, got {args.num_samples}')
-  before_after(args.workdir, args.guidance_scale, args.num_samples, args.seed, args.out)
+  before_after(args.workdir, args.guidance_scale, args.num_samples, args.seed, args.out,
+               steps=args.steps)
 
 
 if __name__ == '__main__':

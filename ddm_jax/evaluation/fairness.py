@@ -113,11 +113,13 @@ def statistical_parity_difference(cond_labels, pred_labels, num_groups):
   """Per conditioned group g, the rate of its samples classified as g; SPD = max - min.
 
   For attribute-conditioned generation: ``cond_labels[i]`` is the group sample
-  i was asked for, ``pred_labels[i]`` the group the evaluator saw. Returns
-  ``(rates, spd)`` with ``rates`` of shape ``(num_groups,)``.
+  i was asked for, ``pred_labels[i]`` the group the evaluator saw, or -1 for a sample of
+  no group (off target: a miss). Returns ``(rates, spd)`` with ``rates`` of shape
+  ``(num_groups,)``.
   """
   c = _labels(cond_labels, num_groups, 'cond_labels')
-  y = _labels(pred_labels, num_groups)
+  raw = np.asarray(pred_labels)
+  y = np.where(raw == -1, -1, _labels(np.where(raw == -1, 0, raw), num_groups))
   if c.shape != y.shape:
     raise DataError(f'cond_labels {c.shape} and pred_labels {y.shape} differ in length')
   n = np.bincount(c, minlength=num_groups)

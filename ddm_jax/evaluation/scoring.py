@@ -96,8 +96,8 @@ def score(ctx, images, cond_labels=None, guide_labels=None):
   boot = rng.multinomial(pred.size, p_hat, size=s.n_boot) / pred.size
   fds = np.linalg.norm(boot - ctx.target[None], axis=1)
   fair['fd_ci95'] = [float(np.percentile(fds, 2.5)), float(np.percentile(fds, 97.5))]
-  if cond_labels is not None:
-    rates, spd = fairness.statistical_parity_difference(np.asarray(cond_labels)[on], pred, k)
+  if cond_labels is not None:  # hit rates per conditioned group; off target = a miss
+    rates, spd = fairness.statistical_parity_difference(cond_labels, all_pred, k)
     fair['spd'] = spd
     fair['conditioned_hit_rates'] = rates.tolist()
   if guide_labels is not None:  # an off-target sample misses its assigned group
