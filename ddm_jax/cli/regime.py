@@ -40,7 +40,8 @@ def parse_args(argv):
     p.add_argument(f'--{name}', type=_list(float), default=None)
   for name in ('dev_seeds', 'test_seeds'):
     p.add_argument(f'--{name}', type=_list(int), default=None)
-  for name in ('base_steps', 'finetune_steps', 'num_samples', 'sample_steps', 'quality_n'):
+  for name in ('base_steps', 'finetune_steps', 'num_samples', 'dev_num_samples', 'sample_steps',
+               'quality_n'):
     p.add_argument(f'--{name}', type=int, default=None)
   for name in ('lr', 'fd_target', 'eta'):
     p.add_argument(f'--{name}', type=float, default=None)
