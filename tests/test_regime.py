@@ -127,6 +127,11 @@ def test_dev_then_test_resume_and_summary(tmp_path):
     if r['method'] in ('posthoc', 'classifier'):
       with open(os.path.join(r['workdir'], 'cfg.json')) as f:
         assert f.read().count('plain') == 1           # init_from: the plain fine-tune
+  # A later invocation on the same folder with other cells keeps the recorded lr choice.
+  more = Fakes()
+  assert _runner(tmp_path, more, pairs=('7/8',), ratios=('4:1',)).run() == lr
+  assert more.trained and not any('lr_select' in w for w in more.trained)
+  runner = _runner(tmp_path, Fakes())
   summary, md = R.write_summary(runner, 'unit', 1.0, lr, publish=str(tmp_path / 'pub'))
   assert 'Every method at its selected scale' in md and '0/1/2' in md
   _check_published(str(tmp_path / 'pub' / 'regime_unit.json'))

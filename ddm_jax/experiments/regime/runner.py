@@ -83,10 +83,13 @@ class Runner:
   def learning_rate(self):
     """plan.lr, or the lr in plan.lrs whose plain fine-tune on the dev cell (first pair
     and ratio, first dev seed) fits its own training data best: the lowest FCD against
-    its training split (all samples; the same n for every lr)."""
+    its training split (all samples; the same n for every lr). Once chosen, the recorded
+    rows decide it for every later invocation on the same folder."""
     p = self.plan
     if p.lr:
       return p.lr
+    if any(r.get('method') == 'lr' for r in self.results.rows):
+      return select_lr(self.results.rows)  # chosen before (a rerun, or more cells added)
     pair, ratio = P.cells(p)[0]
     seed = p.dev_seeds[0]
     root = os.path.join(self.out, 'lr_select')
