@@ -160,6 +160,14 @@ def test_results_folder_has_a_published_regime_run():
   assert glob.glob(os.path.join(RESULTS, 'regime*.json')), 'run python -m ddm_jax.cli.regime --publish=results'
 
 
+def test_cli_lists():
+  from ddm_jax.cli.regime import parse_args
+  args, _ = parse_args(['--pairs', '0/1;7,2/8', '--ratios', '4:1,9:1', '--scales', '4,8',
+                        '--test_seeds', '1,2'])
+  assert args.pairs == ('0/1', '7,2/8') and args.ratios == ('4:1', '9:1')
+  assert args.scales == (4.0, 8.0) and args.test_seeds == (1, 2)
+
+
 def test_cli_bad_input(tmp_path, capsys):
   assert regime_main(['--out', str(tmp_path / 'o'), '--pairs', '0/11']) != 0
   assert 'pair' in capsys.readouterr().err

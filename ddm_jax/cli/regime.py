@@ -16,9 +16,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'configs')
 
 
-def _list(conv):
-  return lambda text: tuple(conv(v.strip()) for v in text.split(';' if conv is str else ',')
-                            if v.strip())
+def _list(conv, sep=','):
+  return lambda text: tuple(conv(v.strip()) for v in text.split(sep) if v.strip())
 
 
 def parse_args(argv):
@@ -32,7 +31,7 @@ def parse_args(argv):
                  help='what every fine-tune starts from (--config.KEY=VALUE overrides it)')
   p.add_argument('--publish', default=None, help='copy summary, rows and plots here')
   p.add_argument('--summary_only', action='store_true')
-  p.add_argument('--pairs', type=_list(str), default=None,
+  p.add_argument('--pairs', type=_list(str, ';'), default=None,
                  help="groups of digits, ';'-separated: '0/1;7/8' (K = 3: '0/1/2')")
   p.add_argument('--ratios', type=_list(str), default=None, help="e.g. '4:1,9:1' or '4:1:1'")
   p.add_argument('--methods', type=_list(str), default=None)
