@@ -29,7 +29,7 @@ $(VENV)/.test: $(VENV)/.core
 demo: $(VENV)/.core
 	@start=$$(date +%s); \
 	$(THP) $(PY) train.py --config=configs/digits.py --workdir=$(WORKDIR) && \
-	$(THP) $(PY) -m ddm_jax.cli.compare --workdir=$(WORKDIR) && \
+	$(THP) $(PY) -m ddm_jax.cli.compare --workdir=$(WORKDIR) --num_samples=160 && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: metrics $(WORKDIR)/metrics.jsonl, \
 	checkpoints $(WORKDIR)/checkpoints, evaluations $(WORKDIR)/eval/before_after, \
 	the picture $(WORKDIR)/before_after.png"
