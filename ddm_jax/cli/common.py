@@ -1,12 +1,13 @@
 """What every command line shares: the error wrapper, the `--config.KEY=VALUE` parser and
 `parse`, which every command's arguments go through: it adds the compilation-cache flags
 and switches JAX's persistent compilation cache on before anything is compiled."""
+import dataclasses
 import functools
 import os
 import sys
 
 from ddm_jax.config import apply_overrides, load_config_file, validate
-from ddm_jax.errors import DDMError
+from ddm_jax.errors import ConfigError, DDMError
 
 
 def split_overrides(argv):
@@ -119,3 +120,17 @@ def cli(fn):
       print('interrupted', file=sys.stderr)
       return 130
   return wrapper
+
+
+def experiment_plan(argv, parse_args, presets):
+  """An experiment command line -> (args, plan, --config.KEY=VALUE overrides): the preset
+  (`--quick` or 'full') with every plan field given on the command line replaced."""
+  overrides, rest = split_overrides(argv)
+  args, unknown = parse_args(rest)
+  if unknown:
+    raise ConfigError(f'unknown arguments: {unknown}')
+  preset = presets['quick' if args.quick else 'full']
+  fields = {f.name for f in dataclasses.fields(preset)}
+  plan = dataclasses.replace(preset, **{k: v for k, v in vars(args).items()
+                                        if v is not None and k in fields})
+  return args, plan, overrides

@@ -6,9 +6,8 @@ import os
 import sys
 import time
 
-from ddm_jax.cli.common import cli, load_config, parse, split_overrides
-from ddm_jax.errors import ConfigError
-from ddm_jax.experiments.regime import PRESETS, RegimePlan, Runner, write_summary
+from ddm_jax.cli.common import cli, experiment_plan, load_config, parse
+from ddm_jax.experiments.regime import PRESETS, Runner, write_summary
 from ddm_jax.experiments.regime.runner import select_lr
 from ddm_jax.files import write_json
 
@@ -50,14 +49,8 @@ def parse_args(argv):
 
 @cli
 def main(argv):
-  overrides, rest = split_overrides(argv)
-  args, unknown = parse_args(rest)
-  if unknown:
-    raise ConfigError(f'unknown arguments: {unknown}')
+  args, plan, overrides = experiment_plan(argv, parse_args, PRESETS)
   preset = 'quick' if args.quick else 'full'
-  fields = {f.name for f in dataclasses.fields(RegimePlan)}
-  plan = dataclasses.replace(PRESETS[preset], **{k: v for k, v in vars(args).items()
-                                                  if v is not None and k in fields})
   base_cfg = load_config(args.base_config, {})
   ft_cfg = load_config(args.config, overrides)
   name = args.name or preset

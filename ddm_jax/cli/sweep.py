@@ -6,9 +6,8 @@ import os
 import sys
 import time
 
-from ddm_jax.cli.common import cli, load_config, parse, split_overrides
-from ddm_jax.errors import ConfigError
-from ddm_jax.experiments.sweep import PRESETS, Plan, Runner, parse_ratio, write_summary
+from ddm_jax.cli.common import cli, experiment_plan, load_config, parse
+from ddm_jax.experiments.sweep import PRESETS, Runner, parse_ratio, write_summary
 from ddm_jax.files import write_json
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -55,14 +54,8 @@ def parse_args(argv):
 
 @cli
 def main(argv):
-  overrides, rest = split_overrides(argv)
-  args, unknown = parse_args(rest)
-  if unknown:
-    raise ConfigError(f'unknown arguments: {unknown}')
+  args, plan, overrides = experiment_plan(argv, parse_args, PRESETS)
   preset = 'quick' if args.quick else 'full'
-  plan = dataclasses.replace(PRESETS[preset], **{
-      k: v for k, v in vars(args).items()
-      if v is not None and k in {f.name for f in dataclasses.fields(Plan)}})
   for r in set(plan.ratios) | set(plan.guided_ratios) | set(plan.pseudo_ratios):
     parse_ratio(r)  # a bad ratio fails here, not after hours of training
   base = load_config(args.config, overrides)

@@ -3,6 +3,7 @@ evaluate it with one evaluator context per real-data setup, and record the evalu
 one flat row."""
 import json
 import os
+import shutil
 import time
 
 from ddm_jax.evaluation.context import EvalContext, true_group_data_cfg
@@ -67,3 +68,15 @@ def train_once(train_fn, config, workdir):
   os.makedirs(workdir, exist_ok=True)
   write_text(marker, json.dumps({'seconds': seconds}))
   return seconds, True
+
+
+def publish(dest, out_dir, rows_path, plots, stem, plot_name):
+  """Copies an experiment's summary.md / summary.json (as STEM.md / STEM.json), its rows
+  (STEM_rows.jsonl: what the summary is recomputed from) and its plots (each named by
+  `plot_name(file name)`) into `dest`, e.g. results/ for RESULTS.md."""
+  os.makedirs(dest, exist_ok=True)
+  for ext in ('md', 'json'):
+    shutil.copy(os.path.join(out_dir, f'summary.{ext}'), os.path.join(dest, f'{stem}.{ext}'))
+  shutil.copy(rows_path, os.path.join(dest, f'{stem}_rows.jsonl'))
+  for path in plots:
+    shutil.copy(path, os.path.join(dest, plot_name(os.path.basename(path))))

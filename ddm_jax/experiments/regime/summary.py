@@ -2,11 +2,11 @@
 std over seeds, the selected scales, the markdown tables, the FD-vs-quality plots, and the
 copies published for RESULTS.md. Everything here is recomputed from the rows alone."""
 import os
-import shutil
 
 import numpy as np
 
 from ddm_jax.evaluation import plots
+from ddm_jax.experiments import cells
 from ddm_jax.experiments.regime import plan as P
 from ddm_jax.experiments.sweep.summary import machine_description
 from ddm_jax.files import write_json, write_text
@@ -257,11 +257,6 @@ def write_summary(runner, name, seconds, lr, publish=None):
   write_text(os.path.join(out, 'summary.md'), md)
   made = make_plots(summary, plan, chosen, os.path.join(out, 'plots'))
   if publish:
-    os.makedirs(publish, exist_ok=True)
     stem = 'regime' if name == 'full' else f'regime_{name}'
-    shutil.copy(os.path.join(out, 'summary.md'), os.path.join(publish, f'{stem}.md'))
-    shutil.copy(os.path.join(out, 'summary.json'), os.path.join(publish, f'{stem}.json'))
-    shutil.copy(runner.results.path, os.path.join(publish, f'{stem}_rows.jsonl'))
-    for path in made:
-      shutil.copy(path, os.path.join(publish, f'{stem}_{os.path.basename(path)}'))
+    cells.publish(publish, out, runner.results.path, made, stem, lambda f: f'{stem}_{f}')
   return summary, md

@@ -3,12 +3,12 @@ the copies for RESULTS.md."""
 import dataclasses
 import os
 import platform
-import shutil
 
 import jax
 import numpy as np
 
 from ddm_jax.evaluation import plots
+from ddm_jax.experiments import cells
 from ddm_jax.experiments.sweep.plan import parse_ratio
 from ddm_jax.files import write_json, write_text
 
@@ -196,12 +196,7 @@ def write_summary(runner, preset, seconds, publish=None):
   write_text(os.path.join(out, 'summary.md'), md)
   made = make_plots(summary, os.path.join(out, 'plots'))
   if publish:
-    os.makedirs(publish, exist_ok=True)
     suffix = '' if preset == 'full' else f'_{preset}'
-    shutil.copy(os.path.join(out, 'summary.md'), os.path.join(publish, f'sweep{suffix}.md'))
-    shutil.copy(os.path.join(out, 'summary.json'), os.path.join(publish, f'sweep{suffix}.json'))
-    shutil.copy(runner.results.path, os.path.join(publish, f'sweep{suffix}_rows.jsonl'))
-    for path in made:
-      name, ext = os.path.splitext(os.path.basename(path))
-      shutil.copy(path, os.path.join(publish, f'{name}{suffix}{ext}'))
+    cells.publish(publish, out, runner.results.path, made, f'sweep{suffix}',
+                  lambda f: '{}{}{}'.format(os.path.splitext(f)[0], suffix, os.path.splitext(f)[1]))
   return summary, md
