@@ -67,6 +67,12 @@ def selected_scales(rows, plan):
   return chosen
 
 
+def _cells(summary, plan):
+  """The plan's (pair, ratio) cells that have rows: a grid cut short shows what ran."""
+  ran = {(e['pair'], e['ratio']) for e in summary if e['method'] != 'lr'}
+  return [c for c in P.cells(plan) if c in ran]
+
+
 def _ms(e, m, nd=3, scale=1.0):
   if e is None or m not in e:
     return 'n/a'
@@ -96,7 +102,7 @@ def method_rows(summary, plan, chosen, split='test'):
   """Every method of every cell on `split`, guided ones at their selected scale:
   [(pair, ratio, method, alpha, scale, entry)]."""
   out = []
-  for pair, ratio in P.cells(plan):
+  for pair, ratio in _cells(summary, plan):
     for method in P.UNGUIDED + P.GUIDED:
       if method not in plan.methods:
         continue
@@ -140,7 +146,7 @@ def summary_markdown(summary, plan, meta, chosen):
     lines += ['## Does DDM training reduce FD? (unguided, test seeds)', '',
               '| pair | ratio | train p0 | ' + ' | '.join(f'alpha {a:g}' for a in unguided) + ' |',
               '|---|---|---|' + '---|' * len(unguided)]
-    for pair, ratio in P.cells(plan):
+    for pair, ratio in _cells(summary, plan):
       cells = []
       for a in unguided:
         e = _find(summary, 'test', 'plain' if a == 0 else 'ddm', pair, ratio, a)
@@ -152,7 +158,7 @@ def summary_markdown(summary, plan, meta, chosen):
               'accuracy on noised real images:', '',
               '| pair | ratio | ' + ' | '.join(f'alpha {a:g}' for a in unguided if a > 0) + ' |',
               '|---|---|' + '---|' * len([a for a in unguided if a > 0])]
-    for pair, ratio in P.cells(plan):
+    for pair, ratio in _cells(summary, plan):
       cells = [f"{_ms(e, 'indicator_entropy')} / {_ms(e, 'indicator_accuracy')}"
                for e in (_find(summary, 'test', 'ddm', pair, ratio, a) for a in unguided if a > 0)]
       lines.append(f'| {pair} | {ratio} | ' + ' | '.join(cells) + ' |')
@@ -211,7 +217,7 @@ def make_plots(summary, plan, chosen, out_dir):
   scales (dev seeds), every method's test point at its selected scale."""
   os.makedirs(out_dir, exist_ok=True)
   made = []
-  for pair, ratio in P.cells(plan):
+  for pair, ratio in _cells(summary, plan):
     curves, points = {}, {}
     for method in (m for m in P.GUIDED if m in plan.methods):
       for a in (plan.guided_alphas if method == 'ddm+guide' else (0.0,)):
