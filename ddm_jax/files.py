@@ -2,9 +2,21 @@
 import contextlib
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
+
+
+# `name.tmp<pid>.ext`: per process, since several hosts may write one file
+_TEMPORARY = re.compile(r'^(?P<root>.+)\.tmp\d+(?P<ext>\.[^.]*)?$')
+
+
+def temporary_target(name):
+  """The file a temporary of `atomic_path` was to become (a basename), or None when `name`
+  is not one. A SIGKILL skips the clean-up below, so a resumed writer finds these."""
+  m = _TEMPORARY.match(name)
+  return m and m['root'] + (m['ext'] or '')
 
 
 @contextlib.contextmanager
@@ -12,7 +24,7 @@ def atomic_path(path):
   """Yields a temporary name beside `path` (same extension, so numpy and PIL keep it) to
   write to; on success it replaces `path`, on failure it is removed."""
   root, ext = os.path.splitext(path)
-  tmp = f'{root}.tmp{os.getpid()}{ext}'  # per process: several hosts may write one file
+  tmp = f'{root}.tmp{os.getpid()}{ext}'
   try:
     yield tmp
     os.replace(tmp, path)

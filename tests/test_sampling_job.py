@@ -96,6 +96,21 @@ def test_killed_job_resumes_to_identical_bytes(trained, tmp_path):
   print(f'killed after {done} of 10 shards; resumed to identical bytes')
 
 
+def test_resume_removes_what_a_kill_left_half_written(trained, tmp_path):
+  """A SIGKILL inside an atomic write leaves `name.tmp<pid>.ext`; a resumed host deletes its
+  own shards' leftovers and leaves another host's unfinished shards alone."""
+  out = tmp_path / 'job'
+  os.makedirs(out / 'shards')
+  mine, theirs = out / '00005.tmp999.png', out / '00000.tmp999.png'   # shards 1 and 0
+  shard = out / 'shards' / 'shard_00003.tmp999.npz'                   # host 1's shard 3
+  for p in (mine, theirs, shard):
+    p.write_bytes(b'')
+  assert not _job(trained, out, host=(1, 2))
+  assert not mine.exists() and not shard.exists() and theirs.exists()
+  assert _job(trained, out, host=(0, 2))
+  assert not theirs.exists() and not glob.glob(str(out / '**' / '*.tmp*'), recursive=True)
+
+
 def test_a_folder_holds_one_job(trained, tmp_path):
   assert _job(trained, tmp_path / 'a')
   with pytest.raises(ConfigError, match='another sampling job'):

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ddm_jax.errors import ConfigError, DataError
-from ddm_jax.files import write_json, write_npz
+from ddm_jax.files import temporary_target, write_json, write_npz
 from ddm_jax.generation.generator import effective_batch_size, iter_batches
 from ddm_jax.images import save_grid, save_png, to_uint8
 
@@ -80,6 +80,7 @@ def run_job(gen, plan, params, frozen, out, job_info=None, shard_size=DEFAULT_SH
   mine = range(host_index, num_shards, num_hosts)
   bounds = {k: (k * shard_size, min((k + 1) * shard_size, n)) for k in mine}
   todo = [k for k in mine if not os.path.exists(shard_path(out, k))]
+  _remove_temporaries(out, todo, shard_size)
   bs = effective_batch_size(min(shard_size, n), plan.batch_size, getattr(gen, 'num_devices', None))
   total = sum(hi - lo for lo, hi in bounds.values())
   pbar = tqdm(total=total, initial=total - sum(bounds[k][1] - bounds[k][0] for k in todo),
@@ -99,13 +100,35 @@ def run_job(gen, plan, params, frozen, out, job_info=None, shard_size=DEFAULT_SH
       parts.append(u8)
       pbar.update(len(u8))
     seconds = time.time() - t0
-    write_npz(shard_path(out, k), {'images': np.concatenate(parts), 'index': np.arange(lo, hi),
-                                   **{name: a[lo:hi] for name, a in per_sample.items()}})
+    # the timings first: the .npz marks the shard done, so a kill between the two redoes it
     write_json(shard_path(out, k, 'json'), {'images': hi - lo, 'seconds': seconds,
                                             'images_per_sec': (hi - lo) / max(seconds, 1e-9),
                                             'host': host_index, 'batch_size': bs})
+    write_npz(shard_path(out, k), {'images': np.concatenate(parts), 'index': np.arange(lo, hi),
+                                   **{name: a[lo:hi] for name, a in per_sample.items()}})
   pbar.close()
   return finish(out, num_shards)
+
+
+def _remove_temporaries(out, todo, shard_size):
+  """Delete what a killed run left half-written: temporaries of the shards this host is
+  about to redo or that are done (not another host's unfinished ones: it may be writing
+  them right now)."""
+  todo = set(todo)
+  for folder in (out, os.path.join(out, 'shards')):
+    for name in os.listdir(folder):
+      target = temporary_target(name)
+      stem = target and os.path.splitext(target)[0]
+      if not stem:
+        continue
+      if folder == out and stem.isdigit():
+        shard = int(stem) // shard_size
+      elif folder != out and stem.startswith('shard_') and stem[6:].isdigit():
+        shard = int(stem[6:])
+      else:
+        continue
+      if shard in todo or os.path.exists(shard_path(out, shard)):
+        os.remove(os.path.join(folder, name))
 
 
 def finish(out, num_shards):
