@@ -110,6 +110,34 @@ def test_guided_update_matches_closed_form(path):
   np.testing.assert_array_equal(np.asarray(eps)[2], np.asarray(ddm.w * x)[2])
 
 
+class ConvDDM(LinearDDM):
+  """LinearDDM whose 'UNet' is one 3x3 convolution over 8x8 images (the digits' size)."""
+
+  def __init__(self):
+    super().__init__()
+    self.sample_shape = (8, 8, 1)
+
+  def model_fn(self, params, frozen, x, t, **cond):
+    from jax import lax
+    from ddm_jax.models.blocks import conv_general_dilated
+    w = jnp.full((3, 3, 1, 1), 0.1, jnp.float32)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+    return conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn)
+
+
+def test_guidance_gradient_runs_8x8_convolutions_as_im2col():
+  """Inside a sampler's scan XLA:CPU gives an input-gradient convolution a kernel layout its
+  fast convolution refuses (4x slower guided sampling, benchmarks/guided.py), so the guidance
+  traces 8x8 convolutions as im2col; elsewhere (a train step) 8x8 stays a convolution."""
+  ddm = ConvDDM()
+  guide = {'labels': jnp.array([1, 0], jnp.int32), 'scale': jnp.array([2.0, 2.0])}
+  x = jnp.ones((2, 8, 8, 1))
+  guided = G.make_indicator_guidance(ddm)({}, {}, None, {'guide': guide})
+  plain_grad = jax.grad(lambda x: ddm.indicator_fn({}, ddm.model_fn({}, {}, x, 0)).sum())
+  assert 'conv_general_dilated' not in str(jax.make_jaxpr(lambda x: guided(x, 300))(x))
+  assert 'conv_general_dilated' in str(jax.make_jaxpr(plain_grad)(x))
+
+
 def test_clip_comes_before_the_guidance_term():
   """With clip_x0 the unguided x0 is clipped first; the guidance deltas are added after,
   and S = 0 returns exactly (clip(x0), eps), what the unguided sampler uses."""

@@ -27,6 +27,7 @@ from ddm_jax.diffusion.schedules import alpha_sigma, to_x0_eps
 from ddm_jax.errors import ConfigError
 from ddm_jax.generation.generator import make_generator
 from ddm_jax.generation.prompts import cfg_blend, cfg_parts, per_sample
+from ddm_jax.models import blocks
 from ddm_jax.objective import predicted_noise
 
 GUIDE_KEY = 'guide'  # make_generator hands the per-sample guide pytree to the hook under this key
@@ -184,6 +185,10 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
     sched = ddm.sched
 
     def guided(x, t):
+      with blocks.im2col_up_to(blocks.IM2COL_MAX_PIXELS_LOOP_GRAD):  # a gradient in a scan
+        return guided_step(x, t)
+
+    def guided_step(x, t):
       tb = jnp.full((x.shape[0],), t, jnp.int32)
 
       def picked_sum(logits):  # samples are independent: grad of the sum = per-sample grads

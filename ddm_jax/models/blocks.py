@@ -4,6 +4,7 @@ Submodule names mirror diffusers' PyTorch attribute paths with `.N` written as
 `_N` (`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`),
 so converting a diffusers state dict is a mechanical renaming (interop/diffusers.py).
 """
+import contextlib
 import functools
 import os
 from typing import Optional, Sequence
@@ -21,6 +22,23 @@ def group_norm(num_groups, eps, name, dtype):
 
 # On CPU, 3x3 convolutions on at most this many pixels (4x4) run as im2col + matmul.
 IM2COL_MAX_PIXELS = 16
+# ... and up to 8x8 where a gradient is taken inside a loop (guided sampling's scan): there
+# XLA:CPU lays out an input-gradient convolution's kernel as 01oi, which its fast (YNNPACK)
+# convolution does not take, and guided sampling at 8x8 ran 4x slower (benchmarks/guided.py).
+# Not everywhere: a train step at 8x8 is 15-25 % slower as im2col.
+IM2COL_MAX_PIXELS_LOOP_GRAD = 64
+
+
+@contextlib.contextmanager
+def im2col_up_to(pixels):
+  """Trace the convolutions inside the block with im2col up to `pixels` pixels (the threshold
+  is read at trace time)."""
+  global IM2COL_MAX_PIXELS  # pylint: disable=global-statement
+  saved, IM2COL_MAX_PIXELS = IM2COL_MAX_PIXELS, max(IM2COL_MAX_PIXELS, pixels)
+  try:
+    yield
+  finally:
+    IM2COL_MAX_PIXELS = saved
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
