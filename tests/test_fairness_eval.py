@@ -113,11 +113,19 @@ def test_equal_n_quality_of_real_images(ctx):
   >= quality_n of them and KID is at the level of the real-vs-real floor; too few
   samples in a group: None."""
   from ddm_jax import data as data_lib
-  from ddm_jax.evaluation.report import equal_n
+  from ddm_jax.evaluation import classifier, quality
   x, _ = data_lib.load_arrays(R.true_group_data_cfg(ctx.config.data), ctx.data_dir, 'balanced')
   x = x[np.random.default_rng(1).permutation(len(x))]
-  pred = score(ctx, x)[1]
-  e = equal_n(ctx, x, pred)
+  scores, pred = score(ctx, x)
+  e = scores['quality']['equal_n']
+  feats = classifier.logits_and_features(ctx.evaluator, x, 500)[1]
+
+  def equal_n(idx, groups):  # of the samples x[idx], assigned to `groups`
+    return quality.equal_n_quality(feats[idx], groups, ctx.ref_feats, ctx.ref_labels,
+                                   ctx.pool_feats, ctx.pool_labels, ctx.num_groups,
+                                   ctx.settings.quality_n, seed=ctx.settings.seed)
+
+  assert equal_n(np.arange(len(x)), pred) == e  # score() reuses its features and groups
   assert e['n'] == ctx.settings.quality_n == 50
   assert e['group_counts'] == np.bincount(pred[pred >= 0], minlength=2).tolist()
   assert all(v is not None for k in ('kid', 'kid_floor', 'fcd', 'fcd_floor') for v in e[k])
@@ -126,11 +134,11 @@ def test_equal_n_quality_of_real_images(ctx):
   assert abs(e['kid_mean'] - e['kid_floor_mean']) < 5 * spread, e
   assert np.isfinite(e['fcd_mean']) and np.isfinite(e['fcd_floor_mean'])
   # half of group 1's samples swapped for group 0's: group 1 is further from its references
-  mixed = np.concatenate([x[pred == 0][50:75], x[pred == 1][:25]])
-  worse = equal_n(ctx, mixed, np.ones(len(mixed), int))
+  mixed = np.concatenate([np.flatnonzero(pred == 0)[50:75], np.flatnonzero(pred == 1)[:25]])
+  worse = equal_n(mixed, np.ones(len(mixed), int))
   assert worse['kid'][1] > e['kid'][1] and worse['kid'][0] is None
   few = np.flatnonzero(pred == 0)[:10].tolist() + np.flatnonzero(pred == 1).tolist()
-  e2 = equal_n(ctx, x[few], pred[few])
+  e2 = equal_n(few, pred[few])
   assert e2['group_counts'][0] == 10 and e2['kid'][0] is None and e2['fcd'][0] is None
   assert e2['kid_mean'] is None and e2['fcd_mean'] is None and e2['kid'][1] is not None
   assert e2['kid_floor'] == e['kid_floor']  # the floor does not depend on the samples

@@ -213,11 +213,9 @@ class EvalContext:
     data_lib.prepare(all_cfg, self.data_dir)
     x_ev, y_ev = data_lib.load_arrays(all_cfg, self.data_dir, 'evaluator')
     x_ho, y_ho = data_lib.load_arrays(all_cfg, self.data_dir, 'test')
-    cache_dir = settings.cache_dir or os.environ.get('DDM_EVAL_CACHE') or DEFAULT_CACHE
-    ev_obj = classifier.load_or_train_evaluator(
-        cache_dir, evaluator_cache_key(all_cfg, {'evaluator': 'evaluator', 'heldout': 'test'}),
-        x_ev, y_ev, 10, val_images=x_ho, val_labels=y_ho, seed=settings.evaluator_seed,
-        steps=settings.evaluator_steps)
+    ev_obj = self._cached_cnn(
+        settings, evaluator_cache_key(all_cfg, {'evaluator': 'evaluator', 'heldout': 'test'}),
+        x_ev, y_ev, 10, x_ho, y_ho)
     self.evaluator_info['digit_evaluator_heldout_accuracy'] = float(ev_obj.accuracy)
     table = np.full(10, -1, np.int64)
     for g, digits in enumerate(data_cfg.groups):
@@ -229,13 +227,19 @@ class EvalContext:
     if settings.evaluator != 'cnn':
       return classifier.plugged_evaluator(settings.evaluator, x_ev, y_ev, self.num_groups,
                                           seed=settings.evaluator_seed), {}
-    cache_dir = settings.cache_dir or os.environ.get('DDM_EVAL_CACHE') or DEFAULT_CACHE
-    key = evaluator_cache_key(data_cfg, self.splits)
-    ev_obj = classifier.load_or_train_evaluator(
-        cache_dir, key, x_ev, y_ev, self.num_groups, val_images=x_ho, val_labels=y_ho,
-        seed=settings.evaluator_seed, steps=settings.evaluator_steps)
+    ev_obj = self._cached_cnn(settings, evaluator_cache_key(data_cfg, self.splits),
+                              x_ev, y_ev, self.num_groups, x_ho, y_ho)
     return ev_obj.params, {'heldout_accuracy': float(ev_obj.accuracy), 'cache': ev_obj.path,
                            'from_cache': bool(ev_obj.from_cache)}
+
+  @staticmethod
+  def _cached_cnn(settings, key, x_ev, y_ev, num_groups, x_ho, y_ho):
+    """The small CNN of cache entry ``key`` (a ``classifier.CachedEvaluator``), trained once
+    and cached in settings.cache_dir, else $DDM_EVAL_CACHE, else DEFAULT_CACHE."""
+    cache_dir = settings.cache_dir or os.environ.get('DDM_EVAL_CACHE') or DEFAULT_CACHE
+    return classifier.load_or_train_evaluator(
+        cache_dir, key, x_ev, y_ev, num_groups, val_images=x_ho, val_labels=y_ho,
+        seed=settings.evaluator_seed, steps=settings.evaluator_steps)
 
   def describe(self):
     return {'evaluator': self.evaluator_info, 'splits': self.splits,

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from ddm_jax.evaluation import classifier, plots, quality
+from ddm_jax.evaluation import plots
 from ddm_jax.evaluation.context import EvalContext, arch_key
 from ddm_jax.evaluation.scoring import indicator_stats, score
 from ddm_jax.files import write_json, write_text
@@ -178,7 +178,6 @@ def evaluate_loaded(workdir, trained, settings, ctx=None, out_dir=None, progress
                     seconds=time.time() - t0, **(plan.prompt_info or {}))
     cond_labels, guide_labels, seed = plan.class_labels, plan.guide_labels, settings.seed
   scores, pred = score(ctx, images, cond_labels, guide_labels)
-  scores['quality']['equal_n'] = equal_n(ctx, images, pred)
   report = {'workdir': os.path.abspath(workdir), 'checkpoint_step': int(trained.step),
             'seed': seed, 'num_samples': int(len(images)),
             'settings': dataclasses.asdict(settings), 'sampling': sampling,
@@ -190,16 +189,6 @@ def evaluate_loaded(workdir, trained, settings, ctx=None, out_dir=None, progress
   if out_dir:
     write_outputs(out_dir, report, images, pred, ctx.num_groups)
   return report
-
-
-def equal_n(ctx, images, pred):
-  """``quality['equal_n']``: KID and FCD of each group's first ``quality_n`` samples (the
-  evaluator's groups ``pred``) against the group's reference images, and their floors
-  (as many real images of the group from the generator-side pool, ``ctx.pool_split``)."""
-  feats = classifier.logits_and_features(ctx.evaluator, images, 500)[1]  # as score() does
-  return quality.equal_n_quality(feats, pred, ctx.ref_feats, ctx.ref_labels, ctx.pool_feats,
-                                 ctx.pool_labels, ctx.num_groups, ctx.settings.quality_n,
-                                 seed=ctx.settings.seed)
 
 
 _GENERATORS = {}

@@ -120,4 +120,10 @@ def score(ctx, images, cond_labels=None, guide_labels=None):
   qual.update(precision=prec, recall=rec, noise_floor_precision=ctx.noise_floor['precision'],
               noise_floor_recall=ctx.noise_floor['recall'], knn_k=s.knn_k)
   qual['off_target'] = fair['off_target']
+  # Per group at one sample size (quality_n), from the features above: each group's first
+  # samples in generation order (off target, -1, in none), with real-vs-real floors drawn
+  # from the generator-side pool (ctx.pool_split).
+  qual['equal_n'] = quality.equal_n_quality(feats, all_pred, ctx.ref_feats, ctx.ref_labels,
+                                            ctx.pool_feats, ctx.pool_labels, k, s.quality_n,
+                                            seed=s.seed)
   return {'fairness': fair, 'quality': qual}, all_pred
