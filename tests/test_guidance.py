@@ -110,6 +110,37 @@ def test_guided_update_matches_closed_form(path):
   np.testing.assert_array_equal(np.asarray(eps)[2], np.asarray(ddm.w * x)[2])
 
 
+def test_guidance_variants_change_only_what_they_say():
+  """norm: every guided sample's eps moves by RMS (S / NORM_UNIT) s; early: t < T/2 is
+  unguided, t >= T/2 is plain guidance; stop: a sample the guide already puts in its group
+  with p >= STOP_PROB is left alone, the others get plain guidance."""
+  ddm = LinearDDM(w=0.7, c=2.0)
+  x = jax.random.normal(jax.random.key(3), (6, 4, 4, 1))
+  guide = {'labels': jnp.asarray([1, 0, 1, 0, 1, 0], jnp.int32),
+           'scale': jnp.asarray([3.0] * 6, jnp.float32)}
+  run = lambda variant, t: [np.asarray(v) for v in G.make_indicator_guidance(
+      ddm, variant=variant)({}, {}, None, {'guide': guide})(x, t)]
+  unguided_eps = np.asarray(ddm.w * x)
+  for t in (300, 800):
+    plain_eps = run('plain', t)[1]
+    s = np.sqrt(1 - float(ddm.sched.alphas_cumprod[t]))
+    delta = unguided_eps - run('norm', t)[1]
+    rms = np.sqrt((delta.reshape(6, -1) ** 2).mean(-1))
+    np.testing.assert_allclose(rms, 3.0 / G.NORM_UNIT * s, rtol=1e-4)
+    early = run('early', t)[1]
+    np.testing.assert_array_equal(early, plain_eps if t >= 500 else unguided_eps)
+    z = ddm.c * ddm.w * np.asarray(x).reshape(6, -1).sum(-1)
+    p_target = np.where(np.asarray(guide['labels']) == 1, 1, 0) * (1 / (1 + np.exp(-z))) + \
+        np.where(np.asarray(guide['labels']) == 0, 1, 0) * (1 / (1 + np.exp(z)))
+    done = p_target >= G.STOP_PROB
+    assert done.any() and not done.all()
+    stop = run('stop', t)[1]
+    np.testing.assert_allclose(stop[done], unguided_eps[done], rtol=1e-6)
+    np.testing.assert_allclose(stop[~done], plain_eps[~done], rtol=1e-6)
+  with pytest.raises(ConfigError, match='variant'):
+    G.make_indicator_guidance(ddm, variant='bold')
+
+
 class ConvDDM(LinearDDM):
   """LinearDDM whose 'UNet' is one 3x3 convolution over 8x8 images (the digits' size)."""
 

@@ -6,6 +6,7 @@ from ddm_jax.cli.common import cli, host_split, parse
 from ddm_jax.errors import ConfigError
 from ddm_jax.evaluation.context import EvalSettings
 from ddm_jax.evaluation.report import evaluate_workdir, fmt
+from ddm_jax.generation.guidance import VARIANTS
 
 
 def parse_args(argv):
@@ -39,6 +40,8 @@ def parse_args(argv):
   p.add_argument('--grad_clip', type=float, default=None)
   p.add_argument('--guidance_path', default='unet', choices=('unet', 'x0'),
                  help='gradient through the whole UNet (unet) or only its x0 estimate (x0)')
+  p.add_argument('--guidance_variant', default='plain', choices=VARIANTS,
+                 help='how the guidance is applied (sample.py --help)')
   p.add_argument('--no_ema', action='store_true')
   p.add_argument('--out_dir', default=None, help='default <workdir>/eval[/indicator_s<S>]')
   p.add_argument('--no_progress', action='store_true')
@@ -69,7 +72,8 @@ def main(argv):
       reference_splits=args.reference_splits.split(',') if args.reference_splits else None,
       evaluator_steps=args.evaluator_steps, cache_dir=args.cache_dir, guidance=args.guidance,
       guidance_scale=args.guidance_scale, grad_clip=args.grad_clip,
-      guidance_path=args.guidance_path, use_ema=not args.no_ema)
+      guidance_path=args.guidance_path, guidance_variant=args.guidance_variant,
+      use_ema=not args.no_ema)
   host_index, num_hosts = host_split(args.host_index, args.num_hosts)
   report, out_dir = evaluate_workdir(args.workdir, settings, args.out_dir,
                                      progress=not args.no_progress, samples=args.samples,

@@ -5,6 +5,7 @@ import os
 
 from ddm_jax.cli.common import cli, host_split, parse
 from ddm_jax.errors import DDMError
+from ddm_jax.generation.guidance import VARIANTS
 from ddm_jax.generation.job import DEFAULT_SHARD_SIZE, run_job
 from ddm_jax.generation.plan import plan_generator, plan_samples, sampling_params
 from ddm_jax.generation.prompts import DEFAULT_CFG_SCALE, split_prompts
@@ -42,6 +43,9 @@ def parse_args(argv):
                  help='cap the per-sample norm of the guidance gradient')
   p.add_argument('--guidance_path', default='unet', choices=('unet', 'x0'),
                  help='gradient through the whole UNet (unet) or only its x0 estimate (x0)')
+  p.add_argument('--guidance_variant', default='plain', choices=VARIANTS,
+                 help='norm: unit-RMS gradient; early: guide the first half of the steps only; '
+                 'stop: stop pushing a sample while the guide puts it in its group (p >= 0.9)')
   sd_args = p.add_argument_group('Stable Diffusion workdirs')
   sd_args.add_argument('--prompt', action='append', default=None,
                        help="text prompt; repeat the flag or separate prompts with ';' "
@@ -67,13 +71,15 @@ def main(argv):
                       guidance=args.guidance, guidance_scale=args.guidance_scale,
                       prompts=split_prompts(args.prompt), negative_prompt=args.negative_prompt,
                       cfg_scale=args.cfg_scale, arg_prefix='--')
-  gen = plan_generator(ddm, trained.mesh, plan, args.grad_clip, args.guidance_path)
+  gen = plan_generator(ddm, trained.mesh, plan, args.grad_clip, args.guidance_path,
+                       args.guidance_variant)
   params, frozen = sampling_params(ddm, trained.params, trained.frozen)
   out = args.output or os.path.join(args.workdir, 'generated')
   job_info = {'workdir': os.path.abspath(args.workdir), 'checkpoint_step': trained.step,
               'ema': not args.no_ema}
   if plan.guide is not None:
-    job_info.update(grad_clip=args.grad_clip, guidance_path=args.guidance_path)
+    job_info.update(grad_clip=args.grad_clip, guidance_path=args.guidance_path,
+                    guidance_variant=args.guidance_variant)
   host_index, num_hosts = host_split(args.host_index, args.num_hosts)
   complete = run_job(gen, plan, params, frozen, out, job_info, args.shard_size, host_index,
                      num_hosts)

@@ -15,7 +15,7 @@ from ddm_jax import data as data_lib
 from ddm_jax.data.builders import HELDOUT_LAYOUT, BiasedDigits
 from ddm_jax.errors import ConfigError, DataError
 from ddm_jax.evaluation import classifier, quality
-from ddm_jax.generation.guidance import PATHS, check_scale, parse_target
+from ddm_jax.generation.guidance import PATHS, VARIANTS, check_scale, parse_target
 from ddm_jax.generation.plan import GUIDANCES
 
 DEFAULT_CACHE = os.path.expanduser('~/.cache/ddm_jax/evaluators')
@@ -46,6 +46,7 @@ class EvalSettings:
   guidance_scale: float = 0.0
   grad_clip: Optional[float] = None
   guidance_path: str = 'unet'             # 'unet' | 'x0' (generation.guidance.make_indicator_guidance)
+  guidance_variant: str = 'plain'         # generation.guidance.VARIANTS
   use_ema: bool = True
   quality_n: int = 50                     # samples per group for quality['equal_n'] (KID, FCD)
 
@@ -67,6 +68,9 @@ class EvalSettings:
       check_scale(self.guidance_scale)
       if self.guidance_path not in PATHS:
         raise ConfigError(f'guidance_path must be one of {PATHS}, got {self.guidance_path!r}')
+      if self.guidance_variant not in VARIANTS:
+        raise ConfigError(f'guidance_variant must be one of {VARIANTS}, '
+                          f'got {self.guidance_variant!r}')
     return self
 
 

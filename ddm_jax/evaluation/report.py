@@ -64,7 +64,8 @@ def render_markdown(report):
            f"sampler {report['sampling']['sampler']} ({report['sampling']['steps']} steps), "
            f"guidance {report['sampling']['guidance']}"
            + (f" (scale {report['sampling']['guidance_scale']:g}, gradient path "
-              f"{report['sampling'].get('guidance_path', 'unet')})"
+              f"{report['sampling'].get('guidance_path', 'unet')}, variant "
+              f"{report['sampling'].get('guidance_variant', 'plain')})"
               if report['sampling']['guidance'] != 'none' else ''), '',
            f"Evaluator: held-out accuracy {ev['heldout_accuracy']:.4f} on {ev['n_heldout']} images "
            f"of split `{ev['heldout_split']}` (floor {ev['floor']:.2f}); per group "
@@ -158,7 +159,8 @@ def evaluate_loaded(workdir, trained, settings, ctx=None, out_dir=None, progress
   settings.validate()
   ctx = ctx or EvalContext(config, settings, progress=progress)
   sampling = {'guidance': settings.guidance, 'guidance_scale': settings.guidance_scale,
-              'guidance_path': settings.guidance_path, 'ema': settings.use_ema}
+              'guidance_path': settings.guidance_path,
+              'guidance_variant': settings.guidance_variant, 'ema': settings.use_ema}
   if samples:
     images, per_sample, manifest = read_samples(samples)
     cond_labels, guide_labels = per_sample.get('class_labels'), per_sample.get('guide_labels')
@@ -199,17 +201,19 @@ def _generator(config, ddm, mesh, plan, settings):
   every model of a sweep with the same architecture reuses it (params are arguments)."""
   guided = plan.guide is not None
   key = (arch_key(config), plan.sampler, plan.steps, plan.eta, guided, settings.grad_clip,
-         settings.guidance_path if guided else None, tuple(mesh.devices.flat))
+         settings.guidance_path if guided else None,
+         settings.guidance_variant if guided else None, tuple(mesh.devices.flat))
   if key not in _GENERATORS:
     _GENERATORS[key] = plan_generator(ddm, mesh, plan, settings.grad_clip,
-                                      settings.guidance_path)
+                                      settings.guidance_path, settings.guidance_variant)
   return _GENERATORS[key]
 
 
 def default_out_dir(workdir, settings):
   out = os.path.join(workdir, 'eval')
   if settings.guidance == 'indicator':
-    tag = '' if settings.guidance_path == 'unet' else f'_{settings.guidance_path}'
+    tag = ''.join(f'_{v}' for v, default in ((settings.guidance_path, 'unet'),
+                                             (settings.guidance_variant, 'plain')) if v != default)
     out = os.path.join(out, f'indicator{tag}_s{settings.guidance_scale:g}')
   return out
 

@@ -100,6 +100,21 @@ def balanced_groups(num, target):
 
 PATHS = ('unet', 'x0')
 
+# How the guidance term is applied (`make_indicator_guidance(variant=...)`); every variant's
+# parameter is fixed here, not tuned, so choosing a variant selects nothing else:
+#   plain  classifier guidance as written above;
+#   norm   each sample's gradient rescaled to RMS 1 / NORM_UNIT: the term S s grad then moves
+#          eps by (S / NORM_UNIT) s per pixel whatever the classifier's confidence (at S =
+#          NORM_UNIT as far as the noise itself); no rare huge push, no vanishing one;
+#   early  guide only the first EARLY_FRACTION of the trajectory (t >= (1 - f) T), where a
+#          digit's identity is decided, and let the last steps refine it unguided;
+#   stop   per sample and step: no push while the guide already gives the sample's group
+#          p >= STOP_PROB (stop pushing a sample once it is in its group; resume if it leaves).
+VARIANTS = ('plain', 'norm', 'early', 'stop')
+NORM_UNIT = 32.0
+EARLY_FRACTION = 0.5
+STOP_PROB = 0.9
+
 
 def check_scale(scale):
   """A finite float; a negative scale pushes samples *away* from their assigned group."""
@@ -124,7 +139,7 @@ def make_guide(labels, scale):
   return {'labels': labels, 'scale': np.array(scale)}
 
 
-def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
+def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None, variant='plain'):
   """A ``guidance(params, frozen, denoise, cond) -> denoise`` hook for ``make_generator``.
 
   ``cond['guide']`` is the ``make_guide`` pytree: each sample's target group
@@ -163,7 +178,12 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
   of range, and keeps only its eps part, which points the other way:
   measured on the digits, such guidance steered samples *away* from their
   group (RESULTS.md). Guided-diffusion (Dhariwal & Nichol) clips first too.
+
+  ``variant`` (``VARIANTS``): plain classifier guidance, or one that normalises the
+  gradient, guides only the early part of the trajectory, or stops per sample (see above).
   """
+  if variant not in VARIANTS:
+    raise ConfigError(f'guidance variant must be one of {VARIANTS}, got {variant!r}')
   if grad_clip is not None and not grad_clip > 0:
     raise ConfigError(f'grad_clip must be positive, got {grad_clip}')
   if path not in PATHS:
@@ -191,9 +211,10 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
     def guided_step(x, t):
       tb = jnp.full((x.shape[0],), t, jnp.int32)
 
-      def picked_sum(logits):  # samples are independent: grad of the sum = per-sample grads
+      def picked(logits):  # samples are independent: grad of the sum = per-sample grads
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0].sum()
+        picked = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+        return picked.sum(), picked
 
       if reads_x_t:
         # A noise-aware classifier log p(y | x_t, t): the gradient flows through x_t
@@ -201,7 +222,8 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
         # noise estimate too, as a constant).
         out = net.model_fn(params, frozen, x, tb, **cond_kw)
         eps_c = jax.lax.stop_gradient(predicted_noise(sched, out, x, tb))
-        grad = jax.grad(lambda x_in: picked_sum(ddm.indicator_fn(params, eps_c, x_in, tb)))(x)
+        grad, logp = jax.grad(lambda x_in: picked(ddm.indicator_fn(params, eps_c, x_in, tb)),
+                              has_aux=True)(x)
       else:
         def log_prob(x_in):
           out = net.model_fn(params, frozen, x_in, tb, **cond_kw)
@@ -209,13 +231,22 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None):
           if path == 'x0':  # same value; the direct d eps / d x_t = I / s term removed
             _, s = alpha_sigma(sched, tb, x_in)
             eps = eps - (x_in - jax.lax.stop_gradient(x_in)) / s
-          return picked_sum(ddm.indicator_fn(params, eps, x_in, tb)), out
+          total, logp = picked(ddm.indicator_fn(params, eps, x_in, tb))
+          return total, (out, logp)
 
-        grad, out = jax.grad(log_prob, has_aux=True)(x)
+        grad, (out, logp) = jax.grad(log_prob, has_aux=True)(x)
+      axes = tuple(range(1, grad.ndim))
       if grad_clip:
-        norm = jnp.sqrt(jnp.sum(grad ** 2, axis=tuple(range(1, grad.ndim)), keepdims=True))
+        norm = jnp.sqrt(jnp.sum(grad ** 2, axis=axes, keepdims=True))
         grad = grad * jnp.minimum(1.0, grad_clip / jnp.maximum(norm, 1e-12))
       scale = per_sample(guide['scale'], x)
+      if variant == 'norm':
+        rms = jnp.sqrt(jnp.mean(grad ** 2, axis=axes, keepdims=True))
+        grad = grad / (NORM_UNIT * jnp.maximum(rms, 1e-12))
+      elif variant == 'early':
+        scale = scale * (t >= (1 - EARLY_FRACTION) * sched.num_train_timesteps)
+      elif variant == 'stop':
+        scale = scale * per_sample(jnp.exp(logp) < STOP_PROB, x)
       if uncond_kw is not None:
         # CFG of the guided conditional prediction: the unguided blend, plus w times the
         # guidance term (the blend is affine, so blending outputs or (x0, eps) is the same).
@@ -247,11 +278,11 @@ def move_clip(sampler, sampler_kw):
 
 
 def make_guided_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, grad_clip=None,
-                          path='unet', sampler_kw=None):
+                          path='unet', sampler_kw=None, variant='plain'):
   """``make_generator`` with indicator guidance; the x0 clipping of pixel models moves
   from the sampler into the guidance, ahead of the guidance term (see ``clip_x0``).
   ``sampler_kw`` defaults to ``ddm.sampler_kwargs(sampler)``."""
   kw, clip = move_clip(sampler, ddm.sampler_kwargs(sampler) if sampler_kw is None else sampler_kw)
-  hook = make_indicator_guidance(ddm, grad_clip, path, clip_x0=clip)
+  hook = make_indicator_guidance(ddm, grad_clip, path, clip_x0=clip, variant=variant)
   return make_generator(ddm, mesh, sampler, steps, eta, guidance=hook, **kw)
 

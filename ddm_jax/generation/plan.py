@@ -127,7 +127,7 @@ def plan_samples(ddm, config, num_samples, *, seed=0, batch_size=256, sampler=No
                       float(guidance_scale), **plan_kw)
 
 
-def plan_generator(ddm, mesh, plan, grad_clip=None, path='unet'):
+def plan_generator(ddm, mesh, plan, grad_clip=None, path='unet', variant='plain'):
   """The compiled generator for `plan` (guided or not; SD through classifier-free
   guidance). It depends only on the architecture and the sampler settings, so one serves
   every model of the same shape."""
@@ -135,7 +135,7 @@ def plan_generator(ddm, mesh, plan, grad_clip=None, path='unet'):
   kw = ddm.sampler_kwargs(plan.sampler)
   if plan.guide is not None:
     return make_guided_generator(model, mesh, plan.sampler, plan.steps, plan.eta, grad_clip,
-                                 path, sampler_kw=kw)
+                                 path, sampler_kw=kw, variant=variant)
   return make_generator(model, mesh, plan.sampler, plan.steps, plan.eta, **kw)
 
 
