@@ -57,6 +57,7 @@ class Fakes:
 
   def __init__(self, fail_after=None):
     self.trained, self.evaluated, self.fail_after = [], [], fail_after
+    self.variants = set()
 
   def train(self, config, workdir):
     self.trained.append(os.path.relpath(workdir))
@@ -73,6 +74,8 @@ class Fakes:
       cfg = json.load(f)
     k = cfg['k']
     pull = 0.2 if 'ddm' in workdir else 0.1
+    pull *= 0.5 if settings.guidance_variant == 'stop' else 1.0   # a gentler variant
+    self.variants.add((os.path.basename(workdir), settings.guidance_variant))
     p0 = max(1.0 / k, 0.8 - pull * settings.guidance_scale - 0.01 * settings.seed)
     p = [p0] + [(1 - p0) / (k - 1)] * (k - 1)
     fd = float(np.linalg.norm(np.array(p) - 1.0 / k))
@@ -119,6 +122,11 @@ def test_dev_then_test_resume_and_summary(tmp_path):
   # the rule on the dev rows: ddm falls faster, so it needs a smaller scale
   assert chosen[('ddm+guide', '0/1', '4:1', 0.05)] == 2.0
   assert chosen[('posthoc', '0/1', '4:1', 0.0)] == 4.0
+  # a guidance variant is a method of its own: the classifier model, its own scale
+  assert chosen[('classifier', '0/1', '4:1', 0.0)] == 4.0
+  assert chosen[('classifier:stop', '0/1', '4:1', 0.0)] == 4.0   # none meets 0.05: lowest FD
+  assert {v for w, v in fakes.variants if w == 'classifier'} == {'plain', 'norm', 'early', 'stop'}
+  assert {v for w, v in fakes.variants if w != 'classifier'} == {'plain'}
   test_scales = {r['scale'] for r in rows if r['split'] == 'test' and r['method'] == 'posthoc'
                  and r['pair'] == '0/1'}
   assert test_scales == {4.0}                         # test seeds: the selected scale only

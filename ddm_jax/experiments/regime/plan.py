@@ -15,7 +15,10 @@ the initialisation). Methods, all from the same base, data and fine-tune length:
 - `reweight`   (d) alpha = 0 with the denoising loss reweighted by inverse group frequency;
 - `cond`       (e) a group-conditioned UNet sampled balanced: the upper bound that needs the
                label at sampling time;
-- `ddm+guide`  DDM guided by its own indicator (one per guided alpha).
+- `ddm+guide`  DDM guided by its own indicator (one per guided alpha);
+- `M:variant`  guided method M with a guidance variant (`generation.guidance.VARIANTS`:
+               norm, early, stop), e.g. `classifier:stop`: a method of its own, with its
+               own scale picked by the same rule, plotted against plain M.
 
 Guided methods are run at every scale of `scales` on the dev seeds; the selection rule
 (`select_scale`) picks one scale per (method, pair, ratio) from the dev rows, and the test
@@ -27,6 +30,7 @@ import math
 from typing import Tuple
 
 from ddm_jax.errors import ConfigError
+from ddm_jax.generation.guidance import VARIANTS
 
 GUIDED = ('classifier', 'posthoc', 'ddm+guide')
 UNGUIDED = ('plain', 'ddm', 'reweight', 'cond')
@@ -36,10 +40,12 @@ UNGUIDED = ('plain', 'ddm', 'reweight', 'cond')
 class RegimePlan:
   pairs: Tuple[str, ...] = ('0/1', '7/8')        # groups: one digit each ('0/1/2' for K = 3)
   ratios: Tuple[str, ...] = ('4:1', '9:1')       # group 0 : group 1 (: ...) of the training split
-  alphas: Tuple[float, ...] = (0.0, 0.05)  # DDM indicator weights (0 = the plain arm)
+  # DDM indicator weights (0 = the plain arm); the official entropy script loads 0.005, 0.01
+  alphas: Tuple[float, ...] = (0.0, 0.005, 0.01, 0.05, 0.1)
   guided_alphas: Tuple[float, ...] = (0.05,)
   methods: Tuple[str, ...] = ('plain', 'ddm', 'reweight', 'cond', 'posthoc', 'classifier',
-                              'ddm+guide')
+                              'ddm+guide', 'classifier:norm', 'classifier:early',
+                              'classifier:stop')
   dev_seeds: Tuple[int, ...] = (0,)
   test_seeds: Tuple[int, ...] = (1, 2)
   scales: Tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
@@ -99,9 +105,12 @@ def check(plan):
         parse_ratio(ratio, k)
   if not any(len(str(r).split(':')) == len(parse_pair(p)) for p in plan.pairs for r in plan.ratios):
     raise ConfigError('no ratio has as many parts as a pair has groups')
-  unknown = set(plan.methods) - set(GUIDED) - set(UNGUIDED)
+  unknown = [m for m in plan.methods if split_method(m)[0] not in UNGUIDED + GUIDED
+             or split_method(m)[1] not in VARIANTS
+             or (split_method(m)[0] in UNGUIDED and ':' in m)]
   if unknown:
-    raise ConfigError(f'unknown methods {sorted(unknown)}; known: {UNGUIDED + GUIDED}')
+    raise ConfigError(f'unknown methods {unknown}; known: {UNGUIDED + GUIDED}, and '
+                      f"guided ones with a variant, e.g. classifier:{VARIANTS[-1]}")
   if ('ddm' in plan.methods or 'ddm+guide' in plan.methods) and not any(a > 0 for a in plan.alphas):
     raise ConfigError('the ddm methods need an alpha > 0 in alphas')
   if not plan.lr and not plan.lrs:
@@ -109,6 +118,25 @@ def check(plan):
   if set(plan.dev_seeds) & set(plan.test_seeds):
     raise ConfigError(f'dev and test seeds overlap: {sorted(set(plan.dev_seeds) & set(plan.test_seeds))}')
   return plan
+
+
+def split_method(method):
+  """'classifier:stop' -> ('classifier', 'stop'); 'classifier' -> ('classifier', 'plain')."""
+  base, _, variant = str(method).partition(':')
+  return base, variant or 'plain'
+
+
+def guided_runs(plan):
+  """(method, alpha) of every guided method of the plan, in GUIDED order (a variant after
+  its method); DDM + guide once per guided alpha > 0, the others at alpha 0."""
+  out = []
+  for m in sorted((m for m in plan.methods if split_method(m)[0] in GUIDED),
+                  key=lambda m: (GUIDED.index(split_method(m)[0]), plan.methods.index(m))):
+    if split_method(m)[0] == 'ddm+guide':
+      out += [(m, a) for a in plan.guided_alphas if a > 0]
+    else:
+      out.append((m, 0.0))
+  return out
 
 
 def cells(plan):

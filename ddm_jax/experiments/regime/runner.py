@@ -55,22 +55,25 @@ class Runner:
     return workdir, seconds
 
   # ------------------------------------------------------------------ evaluation
-  def settings(self, seed, scale=None, split='test'):
+  def settings(self, seed, scale=None, split='test', variant='plain'):
     p = self.plan
     n = p.dev_num_samples if split == 'dev' and scale is not None else p.num_samples
     return EvalSettings(num_samples=n, seed=seed, sampler='ddim', steps=p.sample_steps,
                         eta=p.eta, batch_size=p.eval_batch,
                         guidance='indicator' if scale is not None else 'none',
                         guidance_scale=0.0 if scale is None else float(scale),
-                        quality_n=p.quality_n)
+                        guidance_variant=variant, quality_n=p.quality_n)
 
   def evaluate(self, eid, workdir, seconds, seed, scale=None, split='test', **fields):
     if eid in self.results.done:
       return
     t0 = time.time()
-    out_dir = os.path.join(workdir, 'eval', 'unguided' if scale is None else f'S{scale:g}')
-    with_indicator = fields.get('method') in ('ddm', 'posthoc', 'classifier')
-    rep = self._evaluate(workdir, self.settings(seed, scale, split), out_dir, with_indicator)
+    method, variant = P.split_method(fields.get('method'))
+    out_dir = os.path.join(workdir, 'eval', 'unguided' if scale is None else f'S{scale:g}'
+                           + ('' if variant == 'plain' else f'_{variant}'))
+    with_indicator = method in ('ddm', 'posthoc', 'classifier')
+    rep = self._evaluate(workdir, self.settings(seed, scale, split, variant), out_dir,
+                         with_indicator)
     row = report_row(rep, id=eid, seed=seed, split=split, scale=scale, train_seconds=seconds,
                      finetune_steps=self.plan.finetune_steps, eval_seconds=time.time() - t0,
                      **fields)
@@ -104,7 +107,7 @@ class Runner:
     p = self.plan
     common = dict(pair=pair, ratio=ratio, lr=lr, split=split)
     for method in p.methods:
-      for kind in _NEEDS[method]:
+      for kind in _NEEDS[P.split_method(method)[0]]:
         self.model(pair, ratio, seed, kind, lr)
     if 'plain' in p.methods:
       w, s = self.model(pair, ratio, seed, 'plain', lr)
@@ -120,15 +123,12 @@ class Runner:
         w, s = self.model(pair, ratio, seed, method, lr)
         self.evaluate(P.eval_id(method, pair, ratio, seed), w, s, seed, method=method, alpha=0.0,
                       **common)
-    for method in (m for m in P.GUIDED if m in p.methods):
-      for alpha in (p.guided_alphas if method == 'ddm+guide' else (0.0,)):
-        if method == 'ddm+guide' and alpha <= 0:
-          continue
-        kind = 'ddm' if method == 'ddm+guide' else method
-        w, s = self.model(pair, ratio, seed, kind, lr, alpha)
-        for scale in self.scales(method, pair, ratio, alpha, split):
-          self.evaluate(P.eval_id(method, pair, ratio, seed, alpha, scale), w, s, seed, scale,
-                        method=method, alpha=alpha, **common)
+    for method, alpha in P.guided_runs(p):
+      base = P.split_method(method)[0]
+      w, s = self.model(pair, ratio, seed, 'ddm' if base == 'ddm+guide' else base, lr, alpha)
+      for scale in self.scales(method, pair, ratio, alpha, split):
+        self.evaluate(P.eval_id(method, pair, ratio, seed, alpha, scale), w, s, seed, scale,
+                      method=method, alpha=alpha, **common)
 
   def scales(self, method, pair, ratio, alpha, split):
     p = self.plan

@@ -10,6 +10,7 @@ from ddm_jax.experiments import cells
 from ddm_jax.experiments.regime import plan as P
 from ddm_jax.experiments.sweep.summary import machine_description
 from ddm_jax.files import write_json, write_text
+from ddm_jax.generation.guidance import VARIANTS
 
 METRICS = ('fd', 'fd_paper', 'off_target', 'kid_mean', 'kid_floor_mean', 'fcd_n_mean', 'fcd_n_floor_mean',
            'fcd_within_group_mean', 'guide_hit_rate', 'spd', 'indicator_entropy',
@@ -37,7 +38,9 @@ def summarize(rows):
   for r in rows:
     groups.setdefault(_key(r), []).append(r)
   out = []
-  order = lambda k: (METHOD_ORDER.index(k[0]), k[1], -P.parse_ratio(k[2], len(k[2].split(':')))[0],
+  method_order = lambda m: (METHOD_ORDER.index(P.split_method(m)[0]),
+                            VARIANTS.index(P.split_method(m)[1]))
+  order = lambda k: (method_order(k[0]), k[1], -P.parse_ratio(k[2], len(k[2].split(':')))[0],
                      k[3], -1.0 if k[4] is None else k[4], k[5], k[6] or 0.0)
   for key in sorted(groups, key=order):
     rs = groups[key]
@@ -59,11 +62,10 @@ def selected_scales(rows, plan):
   dev = [r for r in rows if r.get('split') == 'dev']
   chosen = {}
   for pair, ratio in P.cells(plan):
-    for method in (m for m in P.GUIDED if m in plan.methods):
-      for alpha in (plan.guided_alphas if method == 'ddm+guide' else (0.0,)):
-        s = P.select_scale(dev, method, pair, ratio, alpha, plan.scales, plan.fd_target)
-        if s is not None:
-          chosen[(method, pair, ratio, alpha)] = s
+    for method, alpha in P.guided_runs(plan):
+      s = P.select_scale(dev, method, pair, ratio, alpha, plan.scales, plan.fd_target)
+      if s is not None:
+        chosen[(method, pair, ratio, alpha)] = s
   return chosen
 
 
@@ -90,12 +92,14 @@ def _find(summary, split, method, pair, ratio, alpha=0.0, scale=None):
 
 
 def _label(method, alpha):
+  base, variant = P.split_method(method)
   return {'plain': '(a) plain fine-tune', 'reweight': '(d) inverse-frequency reweighting',
           'cond': '(e) group-conditioned, sampled balanced',
           'posthoc': '(c) plain + post-hoc indicator guidance',
           'classifier': '(b) plain + noise-aware classifier guidance'}.get(
-              method, f'DDM alpha {alpha:g}' + (' + its indicator guidance'
-                                                if method == 'ddm+guide' else ', unguided'))
+              base, f'DDM alpha {alpha:g}' + (' + its indicator guidance'
+                                              if base == 'ddm+guide' else ', unguided')) + (
+                  '' if variant == 'plain' else f', {variant} variant')
 
 
 def method_rows(summary, plan, chosen, split='test'):
@@ -103,19 +107,12 @@ def method_rows(summary, plan, chosen, split='test'):
   [(pair, ratio, method, alpha, scale, entry)]."""
   out = []
   for pair, ratio in _cells(summary, plan):
-    for method in P.UNGUIDED + P.GUIDED:
-      if method not in plan.methods:
-        continue
-      if method == 'ddm':
-        alphas = [a for a in plan.alphas if a > 0]
-      elif method == 'ddm+guide':
-        alphas = [a for a in plan.guided_alphas if a > 0]
-      else:
-        alphas = [0.0]
-      for a in alphas:
-        scale = chosen.get((method, pair, ratio, a)) if method in P.GUIDED else None
-        if method in P.GUIDED and scale is None:
-          continue
+    for method in (m for m in P.UNGUIDED if m in plan.methods):
+      for a in ([a for a in plan.alphas if a > 0] if method == 'ddm' else [0.0]):
+        out.append((pair, ratio, method, a, None, _find(summary, split, method, pair, ratio, a)))
+    for method, a in P.guided_runs(plan):
+      scale = chosen.get((method, pair, ratio, a))
+      if scale is not None:
         out.append((pair, ratio, method, a, scale,
                     _find(summary, split, method, pair, ratio, a, scale)))
   return out
@@ -198,7 +195,7 @@ def quality_check(summary, plan, chosen, bound=0.15):
            '| pair | ratio | method | S | FD | FCD@n | plain FCD@n | ratio | within bound |',
            '|---|---|---|---|---|---|---|---|---|']
   for pair, ratio, method, a, scale, e in method_rows(summary, plan, chosen):
-    if method not in P.GUIDED and method != 'cond':
+    if scale is None and method != 'cond':
       continue
     ref = _find(summary, 'test', 'plain', pair, ratio, 0.0)
     if e is None or ref is None or 'fcd_n_mean' not in e or 'fcd_n_mean' not in ref:
@@ -219,13 +216,12 @@ def make_plots(summary, plan, chosen, out_dir):
   made = []
   for pair, ratio in _cells(summary, plan):
     curves, points = {}, {}
-    for method in (m for m in P.GUIDED if m in plan.methods):
-      for a in (plan.guided_alphas if method == 'ddm+guide' else (0.0,)):
-        es = [_find(summary, 'dev', method, pair, ratio, a, s) for s in plan.scales]
-        es = [e for e in es if e is not None and 'fcd_n_mean' in e]
-        if es:
-          curves[f'{_label(method, a)} (dev, S {es[0]["scale"]:g}..{es[-1]["scale"]:g})'] = (
-              [e['fcd_n_mean']['mean'] for e in es], [e['fd']['mean'] for e in es])
+    for method, a in P.guided_runs(plan):
+      es = [_find(summary, 'dev', method, pair, ratio, a, s) for s in plan.scales]
+      es = [e for e in es if e is not None and 'fcd_n_mean' in e]
+      if es:
+        curves[f'{_label(method, a)} (dev, S {es[0]["scale"]:g}..{es[-1]["scale"]:g})'] = (
+            [e['fcd_n_mean']['mean'] for e in es], [e['fd']['mean'] for e in es])
     for p_, r_, method, a, scale, e in method_rows(summary, plan, chosen):
       if p_ == pair and r_ == ratio and e is not None and 'fcd_n_mean' in e:
         points[_label(method, a) + ('' if scale is None else f', S {scale:g}')] = (
