@@ -117,6 +117,10 @@ def test_dev_then_test_resume_and_summary(tmp_path):
   assert len({r['id'] for r in runner.results.rows}) == len(runner.results.rows)
   # one base for everything, trained once; the post-hoc guide starts from the plain model
   assert fakes.trained.count(os.path.relpath(os.path.join(tmp_path, 'base'))) == 0
+  # the dev cell's plain model at the chosen lr is the lr selection's: not trained again
+  assert not os.path.exists(tmp_path / 'runs' / '0-1_r4-1_s0' / 'plain')
+  assert 'lr_select' in next(r['workdir'] for r in runner.results.rows
+                             if r['id'] == 'plain/0/1/r4:1/s0')
   rows = runner.results.rows
   chosen = R.selected_scales(rows, runner.plan)
   # the rule on the dev rows: ddm falls faster, so it needs a smaller scale

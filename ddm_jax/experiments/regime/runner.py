@@ -46,6 +46,8 @@ class Runner:
     root = root or self.out
     name = P.model_name(kind, alpha)
     workdir = os.path.join(root, 'runs', P.run_dir(pair, ratio, seed, name))
+    if kind == 'plain' and root == self.out and not os.path.exists(workdir):
+      workdir = self._from_lr_selection(pair, ratio, seed, lr) or workdir
     plain = None
     if kind in ('posthoc', 'classifier'):
       plain, _ = self.model(pair, ratio, seed, 'plain', lr, root=root)
@@ -53,6 +55,15 @@ class Runner:
                                kind, self.base(), plain, alpha)
     seconds = self._train(config, workdir, f'{pair} {ratio} seed {seed}: {name}')
     return workdir, seconds
+
+  def _lr_root(self, lr):
+    return os.path.join(self.out, 'lr_select', f'lr{lr:g}')
+
+  def _from_lr_selection(self, pair, ratio, seed, lr):
+    """The lr selection trained this very model (the dev cell's plain fine-tune at the
+    chosen lr: same config, only the folder differs): its workdir, else None."""
+    workdir = os.path.join(self._lr_root(lr), 'runs', P.run_dir(pair, ratio, seed, 'plain'))
+    return workdir if os.path.exists(os.path.join(workdir, 'TRAINED')) else None
 
   # ------------------------------------------------------------------ evaluation
   def settings(self, seed, scale=None, split='test', variant='plain'):
@@ -95,9 +106,8 @@ class Runner:
       return select_lr(self.results.rows)  # chosen before (a rerun, or more cells added)
     pair, ratio = P.cells(p)[0]
     seed = p.dev_seeds[0]
-    root = os.path.join(self.out, 'lr_select')
     for lr in p.lrs:
-      workdir, seconds = self.model(pair, ratio, seed, 'plain', lr, root=os.path.join(root, f'lr{lr:g}'))
+      workdir, seconds = self.model(pair, ratio, seed, 'plain', lr, root=self._lr_root(lr))
       self.evaluate(P.eval_id('lr', pair, ratio, seed, scale=None) + f'/lr{lr:g}', workdir,
                     seconds, seed, split='dev', method='lr', pair=pair, ratio=ratio, lr=lr, alpha=0.0)
     return select_lr(self.results.rows)
