@@ -97,7 +97,7 @@ class Fakes:
 
 PLAN = dict(pairs=('0/1', '0/1/2'), ratios=('4:1', '4:1:1'), alphas=(0.0, 0.05),
             dev_seeds=(0,), test_seeds=(1, 2), scales=(1.0, 2.0, 4.0), base_steps=5,
-            finetune_steps=5, lrs=(1e-4, 1e-3), num_samples=20, quality_n=5)
+            finetune_steps=5, lrs=(1e-4, 1e-3), num_samples=20, dev_num_samples=10, quality_n=5)
 
 
 def _runner(tmp_path, fakes, **kw):
@@ -135,6 +135,15 @@ def test_dev_then_test_resume_and_summary(tmp_path):
                  and r['pair'] == '0/1'}
   assert test_scales == {4.0}                         # test seeds: the selected scale only
   assert {r['pair'] for r in rows} >= {'0/1', '0/1/2'}   # K = 3 with the same commands
+  # samples per evaluation: 20, 10 for the dev scale sweep; the plain model (the quality
+  # reference) enough for 2 x quality_n in its rarest group: 2 * 5 / 0.2, 2 * 5 / (1 / 6)
+  counts = {(r['method'], r['ratio'], r['split'], r['scale'] is None) for r in rows}
+  for method, ratio, split, unguided in counts:
+    want = {('plain', '4:1'): 50, ('plain', '4:1:1'): 60}.get(
+        (method, ratio), 20 if unguided or split == 'test' else 10)
+    assert {r['num_samples'] for r in rows if (r['method'], r['ratio'], r['split'],
+                                               r['scale'] is None) == (method, ratio, split,
+                                                                       unguided)} == {want}
   for r in rows:
     if r['method'] in ('posthoc', 'classifier'):
       with open(os.path.join(r['workdir'], 'cfg.json')) as f:

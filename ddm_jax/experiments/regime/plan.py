@@ -120,6 +120,20 @@ def check(plan):
   return plan
 
 
+def sample_count(plan, method, pair, ratio, split, guided):
+  """Samples of one evaluation: `dev_num_samples` for the dev seeds' scale sweep, else
+  `num_samples`; but the plain model, every method's quality reference, draws enough that
+  its rarest training group would hold 2 x `quality_n` (at 9:1 and n = 40: 800), so that
+  its equal-n quality exists where the imbalance is strong."""
+  if split == 'dev' and guided:
+    return plan.dev_num_samples
+  n = plan.num_samples
+  if method == 'plain':
+    rarest = min(parse_ratio(ratio, len(parse_pair(pair))))
+    n = max(n, math.ceil(2 * plan.quality_n / rarest - 1e-9))
+  return n
+
+
 def split_method(method):
   """'classifier:stop' -> ('classifier', 'stop'); 'classifier' -> ('classifier', 'plain')."""
   base, _, variant = str(method).partition(':')

@@ -66,9 +66,8 @@ class Runner:
     return workdir if os.path.exists(os.path.join(workdir, 'TRAINED')) else None
 
   # ------------------------------------------------------------------ evaluation
-  def settings(self, seed, scale=None, split='test', variant='plain'):
+  def settings(self, seed, n, scale=None, variant='plain'):
     p = self.plan
-    n = p.dev_num_samples if split == 'dev' and scale is not None else p.num_samples
     return EvalSettings(num_samples=n, seed=seed, sampler='ddim', steps=p.sample_steps,
                         eta=p.eta, batch_size=p.eval_batch,
                         guidance='indicator' if scale is not None else 'none',
@@ -83,8 +82,8 @@ class Runner:
     out_dir = os.path.join(workdir, 'eval', 'unguided' if scale is None else f'S{scale:g}'
                            + ('' if variant == 'plain' else f'_{variant}'))
     with_indicator = method in ('ddm', 'posthoc', 'classifier')
-    rep = self._evaluate(workdir, self.settings(seed, scale, split, variant), out_dir,
-                         with_indicator)
+    n = P.sample_count(self.plan, method, fields['pair'], fields['ratio'], split, scale is not None)
+    rep = self._evaluate(workdir, self.settings(seed, n, scale, variant), out_dir, with_indicator)
     row = report_row(rep, id=eid, seed=seed, split=split, scale=scale, train_seconds=seconds,
                      finetune_steps=self.plan.finetune_steps, eval_seconds=time.time() - t0,
                      **fields)
