@@ -109,7 +109,9 @@ def method_rows(summary, plan, chosen, split='test'):
   for pair, ratio in _cells(summary, plan):
     for method in (m for m in P.UNGUIDED if m in plan.methods):
       for a in ([a for a in plan.alphas if a > 0] if method == 'ddm' else [0.0]):
-        out.append((pair, ratio, method, a, None, _find(summary, split, method, pair, ratio, a)))
+        e = _find(summary, split, method, pair, ratio, a)
+        if e is not None:  # a cell may run only some methods (e.g. 1:1 plain and DDM)
+          out.append((pair, ratio, method, a, None, e))
     for method, a in P.guided_runs(plan):
       scale = chosen.get((method, pair, ratio, a))
       if scale is not None:
