@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ddm_jax import trace_cache
 from ddm_jax.errors import ConfigError
 
 BARRIER_TIMEOUT_S = 3600
@@ -75,9 +76,10 @@ def meet(name, timeout_s=BARRIER_TIMEOUT_S):
 
 
 def compile_and_meet(jitted, *args, name, mesh=None):
-  """`jitted` compiled ahead of time for `args`; when it communicates across processes
-  (`mesh` spans them; default: any multi-process run), the processes meet before it runs."""
-  exe = jitted.lower(*args).compile()
+  """`jitted` (a `jax.jit` or a `trace_cache.Jit`) compiled ahead of time for `args`, through
+  the trace cache where it can be; when it communicates across processes (`mesh` spans
+  them; default: any multi-process run), the processes meet before it runs."""
+  exe = trace_cache.compile(jitted, *args)
   if spans_processes(mesh) if mesh is not None else jax.process_count() > 1:
     meet(f'compiled {name}')
   return exe

@@ -11,12 +11,17 @@ from tests.helpers import REPO, subprocess_env, train_argv
 
 # A fresh interpreter that parses its arguments the way every command line does, then
 # compiles one small program and prints the cache folder in use.
-PROBE = ('import argparse, sys, jax, jax.numpy as jnp\n'
+# The trace cache follows it, in its `traces` subfolder.
+PROBE = ('import argparse, os, sys, jax, jax.numpy as jnp\n'
+         'from ddm_jax import trace_cache\n'
          'from ddm_jax.cli.common import parse\n'
          'parse(argparse.ArgumentParser(), sys.argv[1:])\n'
          'jax.jit(lambda x: jnp.tanh(x) * 2 + 1)(jnp.ones(3)).block_until_ready()\n'
-         'print("cache:", jax.config.jax_compilation_cache_dir '
-         'if jax.config.jax_enable_compilation_cache else None)\n')
+         'used = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache '
+         'else None\n'
+         'assert trace_cache.folder() == (used and os.path.join(used, "traces")), '
+         'trace_cache.folder()\n'
+         'print("cache:", used)\n')
 
 
 def _env(tmp_path, **extra):
@@ -69,24 +74,32 @@ def test_a_cache_the_caller_set_is_left_alone(tmp_path):
   assert not _entries(tmp_path / 'xdg' / 'ddm_jax' / 'jax_cache')
 
 
+DAMAGES = ('truncated', 'random', 'flipped')
+
+
+def damage_file(path, how):
+  """`path` cut to half, overwritten with random bytes of its length, or with 64 bytes
+  flipped in the middle."""
+  size = os.path.getsize(path)
+  if how == 'truncated':
+    os.truncate(path, size // 2)
+  elif how == 'random':
+    with open(path, 'wb') as f:
+      f.write(os.urandom(size))
+  else:
+    with open(path, 'r+b') as f:
+      f.seek(size // 2)
+      chunk = f.read(64)
+      f.seek(size // 2)
+      f.write(bytes(b ^ 0xFF for b in chunk))
+
+
 def _damage(folder):
-  """Every file in the cache folder damaged, three ways in turn: cut to half, random
-  bytes of the same length, bytes flipped in the middle. Returns how many."""
-  names = _entries(folder)
-  for i, name in enumerate(names):
-    path = os.path.join(folder, name)
-    size = os.path.getsize(path)
-    if i % 3 == 0:
-      os.truncate(path, size // 2)
-    elif i % 3 == 1:
-      with open(path, 'wb') as f:
-        f.write(os.urandom(size))
-    else:
-      with open(path, 'r+b') as f:
-        f.seek(size // 2)
-        chunk = f.read(64)
-        f.seek(size // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+  """Every file in the cache folder (XLA's entries and the trace cache's, in `traces/`)
+  damaged, the three ways in turn. Returns how many."""
+  names = sorted(os.path.join(d, n) for d, _, files in os.walk(folder) for n in files)
+  for i, path in enumerate(names):
+    damage_file(path, DAMAGES[i % 3])
   return len(names)
 
 
@@ -113,6 +126,8 @@ def test_damaged_cache_never_breaks_train_py(data_dir, tmp_path):
     return proc
 
   train(tmp_path / 'first')
+  assert len(_entries(folder / 'traces')) == 2   # the init and the step
   assert _damage(folder) > 0
   proc = train(tmp_path / 'second')
   assert 'persistent compilation cache' in proc.stderr   # JAX warned, read nothing, compiled
+  assert proc.stderr.count('note: trace cache:') == 2   # one line per damaged trace

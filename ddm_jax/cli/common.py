@@ -81,29 +81,33 @@ def parse(parser, argv, known=False):
 
 def use_compilation_cache(cache_dir=None, enabled=True):
   """Switch on JAX's persistent compilation cache in `cache_dir` (default $DDM_JAX_CACHE_DIR,
-  else the user cache folder) and return the folder in use (None: no cache). A cache the
-  caller has already set (jax_compilation_cache_dir, e.g. from $JAX_COMPILATION_CACHE_DIR,
-  as the tests do) is left alone unless `cache_dir` names one. `enabled=False` or
-  DDM_JAX_CACHE_DIR=off: no persistent cache.
+  else the user cache folder) and ddm_jax's trace cache in its `traces` subfolder, and
+  return the folder in use (None: no cache). A cache the caller has already set
+  (jax_compilation_cache_dir, e.g. from $JAX_COMPILATION_CACHE_DIR, as the tests do) is left
+  alone unless `cache_dir` names one. `enabled=False` or DDM_JAX_CACHE_DIR=off: neither.
 
   Every program is cached (minimum compile time 0): a command's many sub-second programs
   add up to seconds. A damaged or stale entry makes JAX warn and compile again
-  (tests/test_compile_cache.py)."""
+  (tests/test_compile_cache.py); the trace cache traces again (tests/test_trace_cache.py)."""
   import jax  # pylint: disable=import-outside-toplevel
+  from ddm_jax import trace_cache  # pylint: disable=import-outside-toplevel
+  trace_cache.configure(None)
   env = os.environ.get(CACHE_ENV, '')
   if not enabled or (cache_dir is None and env.lower() in ('off', '0', 'none')):
     jax.config.update('jax_enable_compilation_cache', False)
     return None
   if cache_dir is None and jax.config.jax_compilation_cache_dir:
-    return jax.config.jax_compilation_cache_dir
-  cache_dir = os.path.abspath(os.path.expanduser(cache_dir or env or default_cache_dir()))
-  try:
-    os.makedirs(cache_dir, exist_ok=True)
-  except OSError as e:
-    print(f'note: no compilation cache ({cache_dir}: {e.strerror})', file=sys.stderr)
-    return None
-  jax.config.update('jax_compilation_cache_dir', cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    cache_dir = jax.config.jax_compilation_cache_dir
+  else:
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or env or default_cache_dir()))
+    try:
+      os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+      print(f'note: no compilation cache ({cache_dir}: {e.strerror})', file=sys.stderr)
+      return None
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  trace_cache.configure(os.path.join(cache_dir, 'traces'))
   return cache_dir
 
 

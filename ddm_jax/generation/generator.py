@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddm_jax import parallel
+from ddm_jax import parallel, trace_cache
 from ddm_jax.diffusion.samplers import SAMPLERS, make_denoiser
 
 
@@ -57,8 +57,9 @@ def make_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, guidance=None, 
                          cond if guide is None else {**cond, 'guide': guide})
     return ddm.decode(frozen, SAMPLERS[sampler](denoise, ddm.sched, x, k_steps, **kw))
 
-  run_jit = jax.jit(run, in_shardings=(repl, repl, repl, data, data, data, data, data),
-                    out_shardings=data)
+  run_jit = trace_cache.jit(run, _description(ddm, sampler, kw, guidance),
+                            in_shardings=(repl, repl, repl, data, data, data, data, data),
+                            out_shardings=data)
   compiled = {}
 
   def gen(params, frozen, key, batch_size, class_labels=None, guide=None, cond=None,
@@ -84,6 +85,17 @@ def make_generator(ddm, mesh, sampler='ddim', steps=50, eta=0.0, guidance=None, 
 
   gen.num_devices = mesh.size
   return gen
+
+
+def _description(ddm, sampler, kw, guidance):
+  """What the sampler program closes over (trace_cache): the model's config and type, the
+  sampler settings, the guidance hook's; None (never cached) for a model without a config
+  or a hook without a description."""
+  config, hook = getattr(ddm, 'config', None), getattr(guidance, 'description', None)
+  if config is None or (guidance is not None and hook is None):
+    return None
+  return trace_cache.describe(('sampler', type(ddm).__name__, sampler, sorted(kw.items()), hook),
+                              config)
 
 
 def _rows(a, lo, hi, size):

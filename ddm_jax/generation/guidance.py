@@ -262,6 +262,7 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None, vari
 
     return guided
 
+  guidance.description = ('indicator guidance', grad_clip, path, clip_x0, variant)  # trace cache
   return guidance
 
 

@@ -15,7 +15,7 @@ import flax
 import jax
 import ml_collections
 
-from ddm_jax import parallel
+from ddm_jax import parallel, trace_cache
 from ddm_jax.config import is_latent
 from ddm_jax.ddm import DDM, build_ddm
 from ddm_jax.errors import CheckpointError, ConfigError
@@ -48,8 +48,10 @@ class TrainSetup:
     self._params = params
     # The init is traced once: its abstract result here, its program in init_state (a
     # second trace of the model's init was ~1 s of a warm train.py start).
-    self._traced_init = (jax.jit(self._init, out_shardings=self.repl).trace(init_key(config))
-                         if params is None else None)
+    # With the trace cache, a warm start reads it (and the state's shapes) from there.
+    self._traced_init = None if params is not None else trace_cache.trace(
+        trace_cache.jit(self._init, trace_cache.describe('train init', config),
+                        in_shardings=self.repl, out_shardings=self.repl), init_key(config))
     abstract = (self._traced_init.out_info if params is None
                 else jax.eval_shape(self._state_from, params))
     self.shardings = jax.tree_util.tree_map(lambda _: self.repl, abstract)
@@ -67,7 +69,7 @@ class TrainSetup:
     params = self._params if params is None else params
     if params is not None:
       return jax.device_put(self._state_from(params), self.shardings)
-    return self._traced_init.lower().compile()(init_key(self.config))
+    return self._traced_init.compile()(init_key(self.config))
 
   def init_state_from(self, base_workdir):
     """A fresh state whose params['unet'] is the trained workdir `base_workdir`'s (config
@@ -106,7 +108,7 @@ class TrainSetup:
   def step_fn(self):
     """The jitted train step(state, batch, frozen) -> (state, metrics), state donated."""
     return jit_train_step(make_train_step(self.ddm, self.config, self.tx), self.shardings,
-                          self.data, self.repl)
+                          self.data, self.repl, trace_cache.describe('train step', self.config))
 
   def compile(self, batch, frozen):
     """The step compiled ahead of time from shapes: `batch` and `frozen` may be arrays or
@@ -117,8 +119,8 @@ class TrainSetup:
     spec = lambda tree, sharding: jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding,
                                        weak_type=getattr(a, 'weak_type', False)), tree)
-    compiled = self.step_fn().lower(self.target, spec(batch, self.data),
-                                    spec(frozen, self.repl)).compile()
+    compiled = trace_cache.compile(self.step_fn(), self.target, spec(batch, self.data),
+                                   spec(frozen, self.repl))
     release_host_memory()
     return compiled
 

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ddm_jax import trace_cache
 from ddm_jax.objective import ddm_loss
 from ddm_jax.training.state import ema_after_update
 
@@ -62,6 +63,8 @@ def make_train_step(ddm, config, tx):
   return step
 
 
-def jit_train_step(step, state_sharding, batch_sharding, replicated):
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding, replicated),
-                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+def jit_train_step(step, state_sharding, batch_sharding, replicated, description=None):
+  """The jitted step, state donated; `description` (trace_cache.describe) lets its trace be
+  cached."""
+  return trace_cache.jit(step, description, in_shardings=(state_sharding, batch_sharding, replicated),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))

@@ -1,0 +1,277 @@
+"""A persistent cache of traced programs, beside XLA's compilation cache.
+
+XLA's cache is keyed on the lowered module, so a warm start still traces and lowers every
+program to find its entry (14 s and 6.6 s of the digits train step, BENCHMARKS.md). Here a
+program is traced once, exported (`jax.export`) and stored under a key made of everything
+it depends on: jax and jaxlib, the devices, the ddm_jax sources, the caller's description
+(the config, the function's role) and the arguments' avals and shardings. A warm start reads
+it back and compiles it. Cold and warm compile the same module (the cold run compiles what
+it has just serialized, read back), so XLA's cache hits as well.
+
+`jit(fun, description, **jit_kw)` is `jax.jit(fun, **jit_kw)` that remembers how it was made;
+`trace(jitted, *args)` gives `.out_info` and `.compile()` as `jitted.trace(*args)` would.
+A description must name everything `fun` closes over that is not one of its arguments;
+None: never cached. Programs are exported with their arguments and results flattened (jax
+cannot serialize flax's and optax's pytree nodes); the results' structure is pickled beside.
+
+Bypassed (jax's own path): no folder (`--no_jax_cache`), multi-process runs (every host
+would have to find the same entries; not built), jits without explicit shardings, and any
+failure to export (e.g. host callbacks). A damaged or mismatched entry is traced again and
+rewritten, with a one-line note.
+"""
+import functools
+import hashlib
+import json
+import os
+import pickle
+import sys
+
+import jax
+
+from ddm_jax.files import write_bytes
+
+FORMAT = b'ddm_jax trace 1\n'
+_folder = None
+
+
+def configure(folder):
+  """Store entries in `folder` (None: no trace cache)."""
+  global _folder  # pylint: disable=global-statement
+  _folder = folder
+
+
+def folder():
+  return _folder
+
+
+class Jit:
+  """`jax.jit(fun, **jit_kw)`, plus what the trace cache needs to rebuild it from an entry."""
+
+  def __init__(self, fun, description, **jit_kw):
+    self.fun, self.description, self.jit_kw = fun, description, jit_kw
+    self.plain = jax.jit(fun, **jit_kw)
+
+  def __call__(self, *args):
+    return self.plain(*args)
+
+  def __getattr__(self, name):   # lower, trace, ...: jax.jit's own
+    return getattr(self.plain, name)
+
+
+jit = Jit
+
+
+def trace(jitted, *args):
+  """`jitted` (a `Jit` or a `jax.jit`) traced for `args` (arrays or ShapeDtypeStructs):
+  `.out_info` and `.compile()`, through the cache where it can be used."""
+  if isinstance(jitted, Jit) and _usable(jitted):
+    try:
+      return _Cached(jitted, args)
+    except Exception as e:  # pylint: disable=broad-except
+      _note(f'{_name(jitted)} not cached ({_why(e)})')
+      jitted = jitted.plain
+  return _Plain(jitted.plain.trace(*args) if isinstance(jitted, Jit) else jitted.trace(*args))
+
+
+def compile(jitted, *args):  # pylint: disable=redefined-builtin
+  return trace(jitted, *args).compile()
+
+
+def _usable(jitted):
+  kw = jitted.jit_kw
+  return (_folder is not None and jitted.description is not None and jax.process_count() == 1
+          and 'in_shardings' in kw and 'out_shardings' in kw
+          and set(kw) <= {'in_shardings', 'out_shardings', 'donate_argnums'})
+
+
+def _note(text):
+  print(f'note: trace cache: {text}', file=sys.stderr, flush=True)
+
+
+def _why(error):
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"   # one line
+
+
+def _name(jitted):
+  return getattr(jitted.fun, '__qualname__', 'program')
+
+
+class _Plain:
+  def __init__(self, traced):
+    self.traced, self.out_info = traced, traced.out_info
+
+  def compile(self):
+    return self.traced.lower().compile()
+
+
+def flat_shardings(prefix, tree):
+  """A sharding per leaf of `tree`, from `prefix` (a sharding or a pytree prefix of them)."""
+  out = []
+  jax.tree_util.tree_map(lambda s, sub: out.extend([s] * len(jax.tree_util.tree_leaves(sub))),
+                         prefix, tree)
+  return out
+
+
+class _Cached:
+  """A program read from its entry, or traced, exported and stored there."""
+
+  def __init__(self, jitted, args):
+    kw = jitted.jit_kw
+    leaves, self.in_tree = jax.tree_util.tree_flatten(args)
+    in_prefix = kw['in_shardings']
+    if not isinstance(in_prefix, tuple):   # one sharding for every argument, as jax.jit
+      in_prefix = (in_prefix,) * len(args)
+    self.in_shardings = flat_shardings(in_prefix, args)
+    donate = kw.get('donate_argnums', ())
+    donate = (donate,) if isinstance(donate, int) else tuple(donate)
+    sizes = [len(jax.tree_util.tree_leaves(a)) for a in args]
+    starts = [sum(sizes[:i]) for i in range(len(args))]
+    self.donated = tuple(j for i in donate for j in range(starts[i], starts[i] + sizes[i]))
+    self.avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s,
+                                       weak_type=getattr(a, 'weak_type', False))
+                  for a, s in zip(leaves, self.in_shardings)]
+    self.out_prefix = kw['out_shardings']
+    key = repr((FORMAT, _environment(), jitted.description, _name(jitted), str(self.in_tree),
+                [(a.shape, str(a.dtype), a.weak_type, _sharding_text(a.sharding))
+                 for a in self.avals],
+                self.donated, str(jax.tree_util.tree_map(_sharding_text, self.out_prefix))))
+    path = os.path.join(_folder, hashlib.sha256(key.encode()).hexdigest() + '.trace')
+    entry = _read(path, key)
+    if entry is None:
+      blob, out_tree = self._export(jitted)
+      payload = pickle.dumps({'key': key, 'exported': bytes(blob), 'out_tree': out_tree})
+      os.makedirs(_folder, exist_ok=True)
+      write_bytes(path, FORMAT + hashlib.sha256(payload).digest() + payload)
+      # what was just stored, read back: the warm run compiles this very module
+      entry = jax.export.deserialize(blob), out_tree
+    self.exported, self.out_tree = entry
+    self.jitted, self.args = jitted, args
+    self.out_shardings = _flat_out(self.out_prefix, self.out_tree)
+    self.out_info = self.out_tree.unflatten([
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s, weak_type=a.weak_type)
+        for a, s in zip(self.exported.out_avals, self.out_shardings)])
+
+  def _export(self, jitted):
+    """The program traced and exported, flat: (serialized, results' treedef)."""
+    out_trees = []
+
+    def flat(*leaves):
+      out = jitted.fun(*jax.tree_util.tree_unflatten(self.in_tree, leaves))
+      out_leaves, out_tree = jax.tree_util.tree_flatten(out)
+      out_trees.append(out_tree)
+      # results placed as jax.jit's out_shardings would (their structure is known only now)
+      return [jax.lax.with_sharding_constraint(x, s)
+              for x, s in zip(out_leaves, _flat_out(self.out_prefix, out_tree))]
+
+    exported = jax.export.export(jax.jit(flat, in_shardings=self.in_shardings))(*self.avals)
+    return exported.serialize(), out_trees[0]
+
+  def compile(self):
+    try:
+      compiled = jax.jit(self.exported.call, in_shardings=self.in_shardings,
+                         out_shardings=self.out_shardings,
+                         donate_argnums=self.donated).lower(*self.avals).compile()
+    except Exception as e:  # pylint: disable=broad-except
+      _note(f'{_name(self.jitted)}: cached program not compiled ({_why(e)}); tracing again')
+      return self.jitted.plain.lower(*self.args).compile()
+    return Compiled(compiled, self.in_tree, self.out_tree)
+
+
+def _flat_out(prefix, out_tree):
+  return flat_shardings(prefix, out_tree.unflatten([0] * out_tree.num_leaves))
+
+
+class Compiled:
+  """A flat compiled program called with the original pytrees; other attributes (e.g.
+  `memory_analysis`) are the compiled program's."""
+
+  def __init__(self, compiled, in_tree, out_tree):
+    self.compiled, self.in_tree, self.out_tree = compiled, in_tree, out_tree
+
+  def __call__(self, *args):
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    if tree != self.in_tree:
+      raise TypeError(f'compiled for arguments {self.in_tree}, called with {tree}')
+    return self.out_tree.unflatten(self.compiled(*leaves))
+
+  def __getattr__(self, name):
+    return getattr(self.compiled, name)
+
+
+def _read(path, key):
+  """(exported program, results' treedef) of the entry at `path`; None when there is none
+  or it cannot be used (damaged, truncated, another program's)."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    _note(f'cannot read {path} ({e.strerror}); tracing again')
+    return None
+  head, digest, payload = data[:len(FORMAT)], data[len(FORMAT):len(FORMAT) + 32], data[len(FORMAT) + 32:]
+  try:
+    if head != FORMAT or hashlib.sha256(payload).digest() != digest:
+      raise ValueError('damaged or truncated')
+    entry = pickle.loads(payload)
+    if entry['key'] != key:
+      raise ValueError('another program under the same hash')
+    return jax.export.deserialize(bytearray(entry['exported'])), entry['out_tree']
+  except Exception as e:  # pylint: disable=broad-except
+    _note(f'{os.path.basename(path)} unusable ({_why(e)}); tracing again')
+    return None
+
+
+def _sharding_text(s):
+  mesh = getattr(s, 'mesh', None)
+  ids = getattr(mesh, 'device_ids', None)
+  return (repr(s), None if ids is None else ids.tolist())
+
+
+@functools.lru_cache(maxsize=None)
+def _environment():
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()
+  return (jax.__version__, jaxlib.__version__, jax.default_backend(),
+          sorted({d.device_kind for d in devices}), len(devices),
+          jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision),
+          source_hash())
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash():
+  """A hash of every ddm_jax source file: a code change makes every entry stale."""
+  root = os.path.dirname(os.path.abspath(__file__))
+  h = hashlib.sha256()
+  for dirpath, dirnames, files in os.walk(root):
+    dirnames.sort()
+    for name in sorted(files):
+      if name.endswith('.py'):
+        path = os.path.join(dirpath, name)
+        h.update(os.path.relpath(path, root).encode() + b'\0')
+        with open(path, 'rb') as f:
+          h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()
+
+
+def describe(role, config):
+  """A description of a program built from `config` alone (plus, for Stable Diffusion,
+  the small files of its model folder)."""
+  pretrained = config.model.get('pretrained', '') if 'model' in config else ''
+  return (role, json.dumps(config.to_dict(), sort_keys=True, default=repr),
+          folder_fingerprint(pretrained) if pretrained and os.path.isdir(pretrained) else None)
+
+
+def folder_fingerprint(path):
+  """A hash of the small files (configs, tokenizer) of a model folder: what a program may
+  take from it as constants; the weights reach the programs as arguments."""
+  h = hashlib.sha256()
+  for dirpath, dirnames, files in os.walk(path):
+    dirnames.sort()
+    for name in sorted(files):
+      if name.endswith(('.json', '.txt')):
+        full = os.path.join(dirpath, name)
+        h.update(os.path.relpath(full, path).encode() + b'\0')
+        with open(full, 'rb') as f:
+          h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()

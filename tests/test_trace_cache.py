@@ -1,0 +1,200 @@
+"""The trace cache (ddm_jax.trace_cache): a warm start reads the traced program instead of
+tracing it; results are bit-identical to jax.jit's, donation and shardings kept; damaged,
+truncated or mismatched entries and programs that cannot be exported fall back to tracing."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddm_jax import data as data_lib
+from ddm_jax import parallel, trace_cache
+from ddm_jax.ddm import build_ddm
+from ddm_jax.generation.generator import make_generator
+from ddm_jax.training.setup import TrainSetup
+from tests.helpers import REPO, read_jsonl, subprocess_env, tiny_config, train_argv
+from tests.test_compile_cache import DAMAGES, damage_file
+
+
+@pytest.fixture
+def traces(tmp_path):
+  folder = tmp_path / 'traces'
+  trace_cache.configure(str(folder))
+  yield folder
+  trace_cache.configure(None)
+
+
+def _entries(folder):
+  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def _equal(a, b):
+  return jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+
+
+def _counting_jit(calls, description='test program'):
+  """A small jitted program with a pytree argument, donation and shardings, counting its
+  traces in `calls`."""
+  mesh = parallel.make_mesh()
+  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+  def fun(state, x):
+    calls.append(1)
+    new = {'w': state['w'] + jnp.tanh(x).mean(0), 'n': state['n'] + 1}
+    return new, {'y': jnp.sin(x) * new['w']}
+
+  jitted = trace_cache.jit(fun, description, in_shardings=(repl, data),
+                           out_shardings=({'w': repl, 'n': repl}, data), donate_argnums=(0,))
+  state = lambda: jax.device_put({'w': jnp.arange(3.0), 'n': jnp.int32(0)}, repl)  # noqa: E731
+  x = jax.device_put(np.linspace(-1, 1, 24, dtype=np.float32).reshape(8, 3), data)
+  return jitted, state, x
+
+
+def test_warm_start_reads_the_program_instead_of_tracing(traces):
+  calls = []
+  jitted, state, x = _counting_jit(calls)
+  want = jitted.plain.lower(state(), x).compile()(state(), x)
+  cold = trace_cache.compile(jitted, state(), x)
+  assert len(_entries(traces)) == 1 and len(calls) == 2   # plain + export
+  warm = trace_cache.compile(jitted, state(), x)
+  assert len(calls) == 2, 'the warm compile traced the program again'
+  for exe in (cold, warm):
+    s = state()
+    got = exe(s, x)
+    assert _equal(got, want)
+    assert s['w'].is_deleted(), 'the state is no longer donated'
+    assert got[1]['y'].sharding.is_equivalent_to(x.sharding, 2)
+  assert trace_cache.trace(jitted, state(), x).out_info[1]['y'].shape == (8, 3)
+
+
+def test_description_and_avals_are_part_of_the_key(traces):
+  calls = []
+  jitted, state, x = _counting_jit(calls)
+  trace_cache.compile(jitted, state(), x)
+  trace_cache.compile(_counting_jit(calls, 'another config')[0], state(), x)
+  trace_cache.compile(jitted, state(), x[:4])
+  assert len(_entries(traces)) == 3
+
+
+@pytest.mark.parametrize('how', DAMAGES + ('mismatched',))
+def test_a_bad_entry_is_traced_again_and_rewritten(traces, capsys, how):
+  calls = []
+  jitted, state, x = _counting_jit(calls)
+  want = jitted.plain(state(), x)
+  trace_cache.compile(jitted, state(), x)
+  [name] = _entries(traces)
+  if how == 'mismatched':   # another program's entry under this one's name
+    trace_cache.trace(_counting_jit(calls, 'another config')[0], state(), x)
+    [a, b] = _entries(traces)
+    os.replace(traces / (b if a == name else a), traces / name)
+  else:
+    damage_file(traces / name, how)
+  capsys.readouterr()
+  calls.clear()
+  assert _equal(trace_cache.compile(jitted, state(), x)(state(), x), want)
+  assert len(calls) == 1, 'the bad entry was not traced again'
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'tracing again' in err[0], err
+  calls.clear()
+  trace_cache.compile(jitted, state(), x)
+  assert not calls, 'the entry was not rewritten'
+
+
+def test_a_program_that_cannot_be_exported_runs_plainly(traces, capsys):
+  mesh = parallel.make_mesh()
+  repl = parallel.replicated(mesh)
+
+  def fun(x):
+    return jax.pure_callback(lambda v: np.asarray(v) * 2, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                             x) + 1
+
+  jitted = trace_cache.jit(fun, 'callback', in_shardings=repl, out_shardings=repl)
+  x = jax.device_put(jnp.arange(4.0), repl)
+  out = trace_cache.compile(jitted, x)(x)
+  assert np.array_equal(np.asarray(out), np.arange(4.0) * 2 + 1)
+  assert 'not cached' in capsys.readouterr().err
+  assert not _entries(traces)
+
+
+def test_off_without_a_folder_or_a_description(tmp_path):
+  calls = []
+  jitted, state, x = _counting_jit(calls)
+  trace_cache.configure(None)
+  trace_cache.compile(jitted, state(), x)
+  trace_cache.configure(str(tmp_path / 'traces'))
+  try:
+    trace_cache.compile(_counting_jit(calls, None)[0], state(), x)
+  finally:
+    trace_cache.configure(None)
+  assert not _entries(tmp_path / 'traces')
+
+
+@pytest.fixture(scope='module')
+def tiny(data_dir):
+  config = tiny_config(data_dir)
+  images, labels = data_lib.load_arrays(config.data, data_dir, 'train',
+                                        limit=config.train.batch_size)
+  return config, {'image': images, 'label': labels}
+
+
+def test_train_step_through_the_cache_is_bit_identical(tiny, traces):
+  config, local = tiny
+  results = []
+  for _ in range(3):   # plain, cold, warm
+    setup = TrainSetup(build_ddm(config), config)
+    state, frozen = setup.init_state(), setup.frozen()
+    batch = parallel.global_batch(setup.mesh, local)
+    if results:
+      step = setup.compile(batch, frozen)
+    else:
+      trace_cache.configure(None)
+      step = setup.step_fn().lower(state, batch, frozen).compile()
+      trace_cache.configure(str(traces))
+    for _ in range(2):
+      state, metrics = step(state, batch, frozen)
+    results.append(jax.device_get((state, metrics)))
+  assert len(_entries(traces)) == 2   # the init and the step
+  assert _equal(results[1], results[0]) and _equal(results[2], results[0])
+
+
+def test_sampler_through_the_cache_is_bit_identical(tiny, traces):
+  config, _ = tiny
+  setup = TrainSetup(build_ddm(config), config)
+  params, frozen = setup.init_state().params, setup.frozen()
+  images = []
+  for folder in (None, str(traces), str(traces)):   # plain, cold, warm
+    trace_cache.configure(folder)
+    gen = make_generator(setup.ddm, setup.mesh, 'ddim', 3)
+    images.append(np.asarray(gen(params, frozen, jax.random.key(1), 8)))
+  assert any(n.endswith('.trace') for n in _entries(traces))
+  assert np.array_equal(images[1], images[0]) and np.array_equal(images[2], images[0])
+
+
+def test_train_py_warm_run_is_bit_identical_to_its_cold_run(data_dir, tmp_path):
+  """train.py twice on one cache: the second run traces nothing new, notes nothing and
+  writes the same metrics as the first."""
+  env = subprocess_env(fast_compile=True)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  folder = tmp_path / 'cache'
+
+  def train(name):
+    argv = train_argv(data_dir, tmp_path / name, '--jax_cache_dir', str(folder),
+                      **{'train.num_steps': 2, 'train.checkpoint_every': 2, 'train.log_every': 1})
+    proc = subprocess.run([sys.executable, 'train.py'] + argv, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc, read_jsonl(tmp_path / name / 'metrics.jsonl')
+
+  _, cold = train('cold')
+  entries = _entries(folder / 'traces')
+  assert len(entries) == 2, entries   # the init and the step
+  proc, warm = train('warm')
+  assert 'trace cache' not in proc.stderr
+  assert _entries(folder / 'traces') == entries
+  drop = lambda rows: [{k: v for k, v in r.items() if k != 'steps_per_sec' and 'time' not in k}  # noqa: E731
+                       for r in rows]
+  assert drop(warm) == drop(cold)
