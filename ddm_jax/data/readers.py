@@ -57,7 +57,10 @@ def make_iterator(data_cfg, data_dir, split, batch_size, seed, process_index=0, 
   """
   ds = make_dataset(data_cfg, data_dir, split, batch_size, seed, process_index, process_count,
                     extra_fn)
-  return iter(ds.to_iter_dataset())
+  # grain's default read-ahead is 500 batches on 16 threads: while a run starts, that
+  # Python work fights the tracing and the compile for the GIL and the cores (a warm digits
+  # train.py took 24 s instead of 16, BENCHMARKS.md "Start-up"); 16 batches keep the threads busy.
+  return iter(ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=16)))
 
 
 def load_arrays(data_cfg, data_dir, split, limit=None):
