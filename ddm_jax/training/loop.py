@@ -2,11 +2,11 @@
 import itertools
 import json
 import os
+import sys
 import time
 
 import jax
 from jax.experimental import multihost_utils
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from ddm_jax import data as data_lib
@@ -29,14 +29,15 @@ class MetricsWriter:
   """metrics.jsonl (one object per logged step) + TensorBoard events, process 0 only."""
 
   def __init__(self, workdir, enabled):
-    self.enabled = enabled
+    self.enabled, self.workdir, self.tb = enabled, workdir, None
     if enabled:
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step, metrics):
     if not self.enabled:
       return
+    if self.tb is None:   # made at the first row: no import cost before the first step
+      self.tb = summary_writer(os.path.join(self.workdir, 'tensorboard'))
     row = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
     self.jsonl.write(json.dumps(row) + '\n')
     self.jsonl.flush()
@@ -47,7 +48,23 @@ class MetricsWriter:
   def close(self):
     if self.enabled:
       self.jsonl.close()
-      self.tb.close()
+      if self.tb is not None:
+        self.tb.close()
+
+
+def summary_writer(logdir):
+  """tensorboardX's SummaryWriter. tensorboardX imports torch when it is installed (2 s of
+  a start-up, `python -X importtime`) only to accept torch tensors; we log floats, so torch
+  is hidden from that import unless something has imported it already."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None   # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter(logdir)
 
 
 def train(config, workdir, should_stop=lambda: False, progress=True):
