@@ -9,7 +9,8 @@ first PNG (sample.py), to its exit (evaluate.py: a small report; the evaluator c
 is trained once beforehand, outside the measurement); its exit and its peak RSS are
 reported too. With
 JAX_LOG_COMPILES, each run also counts its XLA compiles, persistent-cache hits and the
-programs compiled more than once with the same input signature.
+programs compiled more than once with the same input signature; each row also has the
+commit and the trace cache's entries after the cold run (`<cache>/traces`).
 
 - train: configs/digits.py (the demo's model), 1 step;
 - train_sd: configs/sd15_digits.py on the tiny diffusers folder (tests/sd_folder.py), 1 step;
@@ -168,13 +169,18 @@ def main(argv=None):
   if 'train_sd' in args.commands:   # prepare the SD data set once, outside the measurement
     run = timed(_train_sd_argv(paths, os.path.join(root, 'sd_setup'), os.path.join(root, 'cache_setup')))
     assert run['rc'] == 0, run
+  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
+                          text=True, check=False).stdout.strip()
   out = open(args.out, 'a', encoding='utf-8') if args.out else None
   try:
     for rnd in range(args.rounds):
       for command in args.commands.split(','):
         cache = os.path.join(root, f'cache_{command}_{rnd}')
-        row = {'command': command, 'round': rnd, 'load_start': round(os.getloadavg()[0], 2)}
+        row = {'command': command, 'round': rnd, 'commit': commit,
+               'load_start': round(os.getloadavg()[0], 2)}
         row['cold'] = measure(command, paths, cache, f'{rnd}_cold')
+        traces = os.path.join(cache, 'traces')   # ddm_jax.trace_cache's entries
+        row['trace_entries'] = len(os.listdir(traces)) if os.path.isdir(traces) else 0
         row['warm'] = measure(command, paths, cache, f'{rnd}_warm')
         row['warm_over_cold_first'] = round(row['warm']['first_s'] / row['cold']['first_s'], 3)
         row['load_end'] = round(os.getloadavg()[0], 2)
