@@ -79,10 +79,13 @@ class Runner:
       return
     t0 = time.time()
     method, variant = P.split_method(fields.get('method'))
-    out_dir = os.path.join(workdir, 'eval', 'unguided' if scale is None else f'S{scale:g}'
-                           + ('' if variant == 'plain' else f'_{variant}'))
-    with_indicator = method in ('ddm', 'posthoc', 'classifier')
     n = P.sample_count(self.plan, method, fields['pair'], fields['ratio'], split, scale is not None)
+    # named by every setting that varies, so that another plan's evaluation of the same
+    # model (e.g. a finer quality check at a larger n) writes beside this one
+    name = (('unguided' if scale is None else f'S{scale:g}')
+            + ('' if variant == 'plain' else f'_{variant}') + f'_n{n}_q{self.plan.quality_n}')
+    out_dir = os.path.join(workdir, 'eval', name)
+    with_indicator = method in ('ddm', 'posthoc', 'classifier')
     rep = self._evaluate(workdir, self.settings(seed, n, scale, variant), out_dir, with_indicator)
     row = report_row(rep, id=eid, seed=seed, split=split, scale=scale, train_seconds=seconds,
                      finetune_steps=self.plan.finetune_steps, eval_seconds=time.time() - t0,
