@@ -112,7 +112,7 @@ _OPTIONAL_TYPES = {
     'data.skip_bad': bool, 'latent_factor': int,
     'train.init_from': str, 'train.trainable': str, 'indicator.input': str,
 }
-TRAINABLE = ('all', 'indicator')     # train.trainable: what the optimizer updates
+TRAINABLE = ('all', 'indicator', 'lora')   # train.trainable: what the optimizer updates
 INDICATOR_INPUTS = ('eps', 'x_t')    # indicator.input: predicted noise, or (x_t, t)
 _SECTIONS = ('train', 'optim', 'loss', 'model', 'data', 'diffusion', 'sample')
 _DTYPES = ('float32', 'bfloat16', 'float16')
@@ -237,8 +237,12 @@ def validate(config):
   trainable = t.get('trainable', 'all')
   _require(trainable in TRAINABLE, 'train.trainable',
            f'must be one of {TRAINABLE}, got {trainable!r}')
-  _require(trainable == 'all' or l.w_ind > 0, 'train.trainable',
+  _require(trainable != 'indicator' or l.w_ind > 0, 'train.trainable',
            "'indicator' trains only the indicator, which needs loss.w_ind > 0")
+  _require(trainable != 'lora' or (not is_latent(config) and 'lora' in config
+                                   and tuple(config.lora.get('unet_targets', ()))),
+           'train.trainable', "'lora' trains a pixel UNet's LoRA adapters: it needs "
+           'lora.unet_targets (Stable Diffusion runs always train LoRA)')
   _require(not (t.get('init_from', '') and is_latent(config)), 'train.init_from',
            'copies a pixel UNet from a trained workdir; latent (Stable Diffusion) runs '
            'start from model.pretrained')

@@ -185,3 +185,57 @@ def test_checkpoints_saved_before_indicator_input_existed_still_resume(data_dir)
   check_compatible(saved, config, 'w')                      # the default, 'eps': same model
   with pytest.raises(ConfigError, match='indicator: input differ'):
     check_compatible(saved, tiny_config(data_dir, **{'indicator.input': 'x_t'}), 'w')
+
+
+def _lora_config(data_dir, **overrides):
+  import ml_collections
+  c = tiny_config(data_dir, **overrides)
+  c.lora = ml_collections.ConfigDict({'unet_targets': ('to_q', 'to_v', 'time_emb_proj'),
+                                      'unet_rank': 2, 'unet_alpha': 4.0})
+  c.train.trainable = 'lora'
+  return c
+
+
+def test_lora_fine_tune_of_a_pixel_unet(base, data_dir, tmp_path):
+  """lora.unet_targets + train.trainable='lora' from a base: the copied UNet (and its EMA)
+  stay bit-identical, only the adapters and the indicator learn; the model starts as the
+  base; a later fine-tune from it copies the UNet with the adapters merged in."""
+  config = _lora_config(data_dir, **{'train.init_from': base, 'optim.lr': 1e-2,
+                                     'train.num_steps': 4, 'train.checkpoint_every': 4})
+  validate(config)
+  setup = _setup(config)
+  fresh, _ = setup.init_state_from(base)
+  adapters = fresh.params['unet_lora']
+  # the tiny UNet has no attention Dense layers: its four resnets' time_emb_proj are adapted
+  assert sorted(adapters) == sorted(f'{b}.time_emb_proj' for b in (
+      'down_blocks_0.resnets_0', 'mid_block.resnets_0', 'up_blocks_0.resnets_0',
+      'up_blocks_0.resnets_1'))
+  assert all(not np.any(np.asarray(ab['lora_B'])) for ab in adapters.values())  # B = 0: the base
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  t = jnp.array([10, 700])
+  base_t = load_trained(base)
+  np.testing.assert_array_equal(setup.ddm.model_fn(fresh.params, {}, x, t),
+                                base_t.ddm.model_fn(base_t.params, {}, x, t))
+  work = str(tmp_path / 'lora')
+  state = train(config, work, progress=False)
+  base_unet = _flat(base_t.params['unet'])
+  for tree in (state.params['unet'], state.ema_params['unet']):
+    got = _flat(tree)
+    for path, leaf in base_unet.items():
+      assert got[path].tobytes() == leaf.tobytes(), path
+  assert any(np.any(np.asarray(ab['lora_B'])) for ab in state.params['unet_lora'].values())
+  # what a later init_from copies: the UNet with the adapters merged
+  from ddm_jax.training.setup import load_base_unet
+  merged, _ = load_base_unet(work)
+  tuned = load_trained(work)
+  plain = build_ddm(tiny_config(data_dir))
+  np.testing.assert_allclose(
+      plain.model_fn({'unet': merged}, {}, x, t),
+      tuned.ddm.model_fn(tuned.params, {}, x, t), rtol=1e-4, atol=1e-5)
+  bad = _lora_config(data_dir)
+  del bad.lora['unet_targets']
+  with pytest.raises(ConfigError, match=r'config\.train\.trainable:'):
+    validate(bad)
+  params = {'unet': {'a': 1}, 'unet_lora': {'b': 2}, 'indicator': {'k': 3}}
+  assert trainable_labels(params, 'lora') == {'unet': {'a': 'freeze'}, 'unet_lora': {'b': 'train'},
+                                              'indicator': {'k': 'train'}}

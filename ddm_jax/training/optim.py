@@ -15,22 +15,32 @@ def lr_schedule(optim_cfg, num_updates):
   raise ValueError(f'unknown lr schedule {optim_cfg.schedule!r}')
 
 
+# train.trainable -> the subtrees of params the optimizer updates (None: all of them)
+TRAINED = {'all': None, 'indicator': ('indicator',), 'lora': ('unet_lora', 'indicator')}
+
+
+def trained_subtrees(trainable='all'):
+  if trainable not in TRAINED:
+    raise ValueError(f'unknown train.trainable {trainable!r}')
+  return TRAINED[trainable]
+
+
 def trainable_labels(params, trainable='all'):
   """'train' or 'freeze' for every leaf of `params` under config train.trainable: with
-  'indicator', only the subtree params['indicator'] is trained."""
-  if trainable == 'all':
+  'indicator', only params['indicator'] is trained; with 'lora', the UNet's LoRA adapters
+  and the indicator (the UNet itself stays as it was)."""
+  keys = trained_subtrees(trainable)
+  if keys is None:
     return jax.tree_util.tree_map(lambda _: 'train', params)
-  if trainable == 'indicator':
-    return {k: jax.tree_util.tree_map(lambda _, k=k: 'train' if k == 'indicator' else 'freeze', v)
-            for k, v in params.items()}
-  raise ValueError(f'unknown train.trainable {trainable!r}')
+  return {k: jax.tree_util.tree_map(lambda _, k=k: 'train' if k in keys else 'freeze', v)
+          for k, v in params.items()}
 
 
 def make_optimizer(optim_cfg, num_steps, trainable='all'):
   """`num_steps` counts micro-batches; with grad_accum = k the schedule sees
   num_steps // k updates, and optax.MultiSteps applies one every k steps.
-  `trainable` (train.trainable): 'indicator' updates params['indicator'] only; the rest
-  gets zero updates and keeps no optimizer state (the train step also keeps those
+  `trainable` (train.trainable): 'indicator' updates params['indicator'] only, 'lora'
+  params['unet_lora'] and params['indicator']; the rest gets zero updates and keeps no optimizer state (the train step also keeps those
   leaves and their EMA exactly as they were)."""
   k = optim_cfg.grad_accum
   clip = {'value': lambda: [optax.clip(optim_cfg.clip_value)],   # the reference's clip_grad_value_

@@ -131,7 +131,7 @@ def _flat(tree):
 
 def load_base_unet(workdir):
   """params['unet'] of the latest checkpoint in the pixel workdir `workdir` (EMA where
-  kept, else the params) and {'base', 'step', 'source'}; ConfigError (config.train.init_from)
+  kept, else the params; a LoRA fine-tune's adapters merged in) and {'base', 'step', 'source'}; ConfigError (config.train.init_from)
   when there is no checkpoint to read."""
   where = os.path.abspath(workdir)
   if not os.path.isdir(os.path.join(where, 'checkpoints')):
@@ -152,7 +152,7 @@ def load_base_unet(workdir):
   source = 'params' if state.ema_params is None else 'ema_params'
   if not isinstance(state.params, dict) or 'unet' not in state.params:
     raise ConfigError(f'config.train.init_from: {where} holds no params["unet"]')
-  unet = state.sample_params['unet']
+  unet = setup.ddm.merged_unet(state.sample_params)   # a LoRA fine-tune: adapters folded in
   del state
   return unet, {'base': where, 'step': int(step), 'source': source}
 

@@ -5,6 +5,7 @@ import optax
 
 from ddm_jax import trace_cache
 from ddm_jax.objective import ddm_loss
+from ddm_jax.training.optim import trained_subtrees
 from ddm_jax.training.state import ema_after_update
 
 
@@ -14,21 +15,21 @@ def make_train_step(ddm, config, tx):
   seed, decay = config.train.seed, config.train.ema_decay
   w_rec, w_ind = config.loss.w_rec, config.loss.w_ind
   group_weights = tuple(float(w) for w in config.loss.get('group_weights', ())) or None
-  trainable = config.train.get('trainable', 'all')
+  trained = trained_subtrees(config.train.get('trainable', 'all'))
 
   def only_trainable(p):
-    """With train.trainable = 'indicator' no gradient reaches the other subtrees (their
-    backward pass is not computed, and grad_norm is the indicator's)."""
-    if trainable == 'all':
+    """With train.trainable = 'indicator' or 'lora' no gradient reaches the other subtrees
+    (no weight gradient of a frozen subtree is computed; grad_norm is the trained ones')."""
+    if trained is None:
       return p
-    return {k: v if k == 'indicator' else jax.lax.stop_gradient(v) for k, v in p.items()}
+    return {k: v if k in trained else jax.lax.stop_gradient(v) for k, v in p.items()}
 
   def keep_frozen(new, old):
     """The frozen subtrees exactly as they were (zero updates and the EMA's arithmetic
     could otherwise flip a bit of them)."""
-    if trainable == 'all' or new is None:
+    if trained is None or new is None:
       return new
-    return {k: new[k] if k == 'indicator' else old[k] for k in new}
+    return {k: new[k] if k in trained else old[k] for k in new}
 
   def step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
