@@ -11,6 +11,7 @@ from configs import digits, digits_base
 from ddm_jax.cli.regime import main as regime_main
 from ddm_jax.errors import ConfigError
 from ddm_jax.experiments import regime as R
+from ddm_jax.config import validate
 from ddm_jax.experiments.regime import plan as P
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results')
@@ -31,13 +32,22 @@ def test_finetune_configs():
   assert d.data.num_groups == 3 and (d.loss.w_rec, d.loss.w_ind) == pytest.approx((0.95, 0.05))
   assert P.finetune_config(base, '0/1', '1:1', 0, 1e-4, 10, 'cond', '/b').model.num_class_embeds == 2
   assert base.train.init_from == '' and base.loss.group_weights == ()   # left as it was
+  lora = (('to_q', 'to_v'), 8, 32.0)                 # the reference's LoRA
+  ld = P.finetune_config(base, '0/1', '4:1', 0, 1e-4, 10, 'ddm', '/b', alpha=0.05, lora=lora)
+  assert ld.train.trainable == 'lora' and ld.lora.unet_targets == ('to_q', 'to_v')
+  assert (ld.lora.unet_rank, ld.lora.unet_alpha) == (8, 32.0)
+  validate(ld)
+  lp = P.finetune_config(base, '0/1', '4:1', 0, 1e-4, 10, 'posthoc', '/b', '/p', lora=lora)
+  assert 'lora' not in lp and lp.train.trainable == 'indicator'   # guides: on the merged UNet
+  assert 'lora' not in base
   b = digits_base.get_config()
   assert b.data.num_groups == 10 and b.loss.w_ind == 0 and b.data.split == 'balanced'
 
 
 @pytest.mark.parametrize('plan_kw', [dict(pairs=('0/0',)), dict(pairs=('0/1',), ratios=('4:0',)),
                                      dict(ratios=('4:1:1',)), dict(methods=('plain', 'magic')),
-                                     dict(dev_seeds=(1,), test_seeds=(1,)), dict(lr=0.0, lrs=())])
+                                     dict(dev_seeds=(1,), test_seeds=(1,)), dict(lr=0.0, lrs=()),
+                                     dict(lora_targets=('to_q',))])
 def test_bad_plans_fail_before_training(plan_kw):
   with pytest.raises(ConfigError):
     P.check(R.RegimePlan(**plan_kw))

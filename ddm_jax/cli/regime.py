@@ -34,6 +34,10 @@ def parse_args(argv):
                  help="groups of digits, ';'-separated: '0/1;7/8' (K = 3: '0/1/2')")
   p.add_argument('--ratios', type=_list(str), default=None, help="e.g. '4:1,9:1' or '4:1:1'")
   p.add_argument('--methods', type=_list(str), default=None)
+  p.add_argument('--lora_targets', type=_list(str), default=None,
+                 help='LoRA fine-tunes on these Dense layers (e.g. to_q,to_v) instead of full ones')
+  p.add_argument('--lora_rank', type=int, default=None)
+  p.add_argument('--lora_alpha', type=float, default=None)
   for name in ('alphas', 'guided_alphas', 'scales', 'lrs'):
     p.add_argument(f'--{name}', type=_list(float), default=None)
   for name in ('dev_seeds', 'test_seeds'):

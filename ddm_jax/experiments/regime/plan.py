@@ -29,6 +29,8 @@ import dataclasses
 import math
 from typing import Tuple
 
+import ml_collections
+
 from ddm_jax.errors import ConfigError
 from ddm_jax.generation.guidance import VARIANTS
 
@@ -61,6 +63,11 @@ class RegimePlan:
   eta: float = 1.0
   quality_n: int = 40                  # samples per group for the equal-n quality figures
   eval_batch: int = 500
+  # LoRA instead of the full fine-tune (the reference: to_q, to_v, rank 8, alpha 32): the
+  # UNet stays the base's, adapters on these Dense layers learn; () = full fine-tune
+  lora_targets: Tuple[str, ...] = ()
+  lora_rank: int = 8
+  lora_alpha: float = 32.0
 
 
 PRESETS = {
@@ -113,6 +120,9 @@ def check(plan):
                       f"guided ones with a variant, e.g. classifier:{VARIANTS[-1]}")
   if ('ddm' in plan.methods or 'ddm+guide' in plan.methods) and not any(a > 0 for a in plan.alphas):
     raise ConfigError('the ddm methods need an alpha > 0 in alphas')
+  if plan.lora_targets and 'cond' in plan.methods:
+    raise ConfigError("method 'cond' learns a new class embedding, which a LoRA fine-tune "
+                      'would leave untrained: run it without lora_targets')
   if not plan.lr and not plan.lrs:
     raise ConfigError('give lr, or lrs to select it from on the dev cell')
   if set(plan.dev_seeds) & set(plan.test_seeds):
@@ -174,8 +184,10 @@ def base_config(base, steps):
 
 
 def finetune_config(base, pair, ratio, seed, lr, steps, model, base_workdir, plain_workdir=None,
-                    alpha=0.0):
-  """The config of one fine-tuned model (`model` in plain/ddm/reweight/cond/posthoc/classifier)."""
+                    alpha=0.0, lora=None):
+  """The config of one fine-tuned model (`model` in plain/ddm/reweight/cond/posthoc/classifier);
+  `lora` = (targets, rank, alpha): LoRA adapters instead of the full fine-tune (the guides
+  then train on the plain model with its adapters merged)."""
   c = copy.deepcopy(base)
   groups = parse_pair(pair)
   shares = parse_ratio(ratio, len(groups))
@@ -205,6 +217,11 @@ def finetune_config(base, pair, ratio, seed, lr, steps, model, base_workdir, pla
       c.indicator.input = 'x_t'
   elif model != 'ddm' and model != 'plain':
     raise ConfigError(f'unknown model kind {model!r}')
+  if lora and model in ('plain', 'ddm', 'reweight'):
+    targets, rank, lora_alpha = lora
+    c.lora = ml_collections.ConfigDict({'unet_targets': tuple(targets), 'unet_rank': int(rank),
+                                        'unet_alpha': float(lora_alpha)})
+    c.train.trainable = 'lora'
   return c
 
 

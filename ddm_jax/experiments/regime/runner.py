@@ -51,8 +51,11 @@ class Runner:
     plain = None
     if kind in ('posthoc', 'classifier'):
       plain, _ = self.model(pair, ratio, seed, 'plain', lr, root=root)
-    config = P.finetune_config(self.ft_cfg, pair, ratio, seed, lr, self.plan.finetune_steps,
-                               kind, self.base(), plain, alpha)
+    p = self.plan
+    config = P.finetune_config(self.ft_cfg, pair, ratio, seed, lr, p.finetune_steps, kind,
+                               self.base(), plain, alpha,
+                               (p.lora_targets, p.lora_rank, p.lora_alpha) if p.lora_targets
+                               else None)
     seconds = self._train(config, workdir, f'{pair} {ratio} seed {seed}: {name}')
     return workdir, seconds
 
