@@ -3,6 +3,7 @@ and indicator.input = 'x_t' (a noise-aware classifier trained on a frozen UNet, 
 guidance)."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +14,12 @@ from configs import sd15_lora
 from ddm_jax.config import validate
 from ddm_jax.ddm import build_ddm
 from ddm_jax.diffusion.schedules import add_noise, make_schedule
-from ddm_jax.errors import ConfigError
+from ddm_jax.errors import CheckpointError, ConfigError
 from ddm_jax.generation import guidance as G
 from ddm_jax.generation.generator import generate
 from ddm_jax.objective import ddm_loss
-from ddm_jax.training.checkpoint import check_compatible, config_to_json
+from ddm_jax.training.checkpoint import (Checkpointer, check_compatible, config_from_json,
+                                         config_to_json)
 from ddm_jax.training.loop import train
 from ddm_jax.training.optim import trainable_labels
 from ddm_jax.training.setup import TrainSetup, load_trained
@@ -63,6 +65,42 @@ def test_init_from_copies_the_base_unet_and_keeps_new_leaves(base, data_dir):
   # A fresh EMA starts from the copied weights.
   assert all(np.array_equal(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(_np(state.ema_params)), jax.tree_util.tree_leaves(_np(state.params))))
+
+
+def test_sampling_restores_only_its_weights_and_checks_them(base, tmp_path, monkeypatch):
+  """load_trained (sample.py, evaluate.py, init_from) reads the EMA or the params alone,
+  against their own checksum; a checkpoint without per-part checksums is restored whole."""
+  ck = Checkpointer(base, async_save=False)
+  config = config_from_json(ck.read_config(2))
+  full, _ = ck.restore(2, _setup(config).target, with_data=False)
+  ck.close()
+  calls = []
+  real_restore = Checkpointer.restore
+  monkeypatch.setattr(Checkpointer, 'restore', lambda *a, **k: calls.append(1) or real_restore(*a, **k))
+  for use_ema, want in ((True, full.ema_params), (False, full.params)):
+    got = load_trained(base, use_ema=use_ema).params
+    assert _flat(got).keys() == _flat(want).keys()
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(_np(got)),
+                                                   jax.tree_util.tree_leaves(_np(want))))
+  assert calls == []                     # the optimizer state was never read
+  assert not np.array_equal(*[jax.tree_util.tree_leaves(_np(t))[0]
+                              for t in (full.ema_params, full.params)])
+
+  def copy_with_sums(name, edit):
+    work = tmp_path / name
+    shutil.copytree(base, work)
+    path = work / 'checkpoints' / '2' / 'checksums' / 'metadata'
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return str(work)
+
+  tampered = copy_with_sums('tampered', lambda s: {**s, 'parts': {**s['parts'], 'ema_params': '0' * 64}})
+  with pytest.raises(CheckpointError, match=r'checkpoints/2 is corrupt: its ema_params does not'):
+    load_trained(tampered)
+  older = copy_with_sums('older', lambda s: {k: v for k, v in s.items() if k != 'parts'})
+  got = load_trained(older).params
+  assert calls == [1]                    # restored whole, and the same weights
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(_np(got)),
+                                                 jax.tree_util.tree_leaves(_np(full.ema_params))))
 
 
 def test_init_from_refuses_a_shape_mismatch_and_a_missing_checkpoint(base, data_dir, tmp_path):

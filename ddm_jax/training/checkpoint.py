@@ -26,6 +26,9 @@ from ddm_jax.errors import CheckpointError, ConfigError
 
 # Parts of the config that must match to continue training from a checkpoint.
 COMPATIBLE_SECTIONS = ('model', 'indicator', 'diffusion', 'lora')
+# Fields of the train state a checkpoint also checksums alone, so that sampling (or a
+# fine-tune's init) can restore one of them without the optimizer state.
+SAMPLED_PARTS = ('params', 'ema_params')
 
 
 class _IteratorState:
@@ -77,16 +80,26 @@ def _local(leaf):
   return leaf
 
 
-def state_digest(state):
+def state_digest(state, parts=()):
   """sha256 over every leaf's path, dtype, shape and bytes. One leaf is on the host at a
   time, hashed in place (the whole state fetched at once, plus `tobytes`, held a second
-  copy of it on the host: the train state of a full fine-tune on an accelerator)."""
-  h = hashlib.sha256()
+  copy of it on the host: the train state of a full fine-tune on an accelerator).
+
+  With `parts` (field names of the state), -> {'state': digest, 'parts': {name: digest of
+  that field alone}} from the same pass: a sampler restores and checks one part
+  (`Checkpointer.restore_part`) without reading the optimizer state."""
+  whole = hashlib.sha256()
+  subs = {p: hashlib.sha256() for p in parts if getattr(state, p, None) is not None}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     array = np.ascontiguousarray(jax.device_get(_local(leaf)))
-    h.update(f'{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}\n'.encode())
-    h.update(array.reshape(-1).view(np.uint8))
-  return h.hexdigest()
+    sub = subs.get(getattr(path[0], 'name', None)) if path else None
+    for h, where in ((whole, path), (sub, path[1:])):
+      if h is not None:
+        h.update(f'{jax.tree_util.keystr(where)}|{array.dtype.str}|{array.shape}\n'.encode())
+        h.update(array.reshape(-1).view(np.uint8))
+  if not parts:
+    return whole.hexdigest()
+  return {'state': whole.hexdigest(), 'parts': {p: h.hexdigest() for p, h in subs.items()}}
 
 
 def json_digest(obj):
@@ -129,7 +142,7 @@ class Checkpointer:
     self.wait()  # a failed earlier (async) write stops the run here, naming its step
     self.check_writable()
     config_json = config_to_json(config)
-    checksums = {'state': state_digest(state), 'config': json_digest(config_json)}
+    checksums = {**state_digest(state, SAMPLED_PARTS), 'config': json_digest(config_json)}
     args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config_json)}
     if iterator_state is not None:
       import grain  # pylint: disable=import-outside-toplevel  # 0.4 s sample.py never needs
@@ -172,7 +185,13 @@ class Checkpointer:
 
   def read_config(self, step=None):
     step = self.latest_step() if step is None else step
-    path = os.path.join(self.directory, str(step), 'config', 'metadata')
+    return self._read_json(step, 'config')
+
+  def _read_json(self, step, item, missing_ok=False):
+    """A JSON item (config, checksums) of checkpoint `step`; None if `missing_ok` and absent."""
+    path = os.path.join(self.directory, str(step), item, 'metadata')
+    if missing_ok and not os.path.exists(path):
+      return None
     try:
       with open(path) as f:
         saved = json.load(f)
@@ -181,14 +200,41 @@ class Checkpointer:
       return saved
     except (OSError, ValueError) as e:
       raise CheckpointError(f'checkpoint {os.path.join(self.directory, str(step))} is damaged: '
-                            f'cannot read its config ({path}): {_one_line(e)}') from e
+                            f'cannot read its {item} ({path}): {_one_line(e)}') from e
+
+  def restore_part(self, step, part, abstract):
+    """Field `part` (one of SAMPLED_PARTS) of checkpoint `step`'s train state alone, into
+    `abstract`'s shapes and shardings, checked against that part's own checksum; None when
+    the checkpoint has no such checksum (written before parts had one, or without the
+    part): the caller restores the whole state. A sampler needs only its weights: reading
+    the optimizer state too, and orbax's metadata of every leaf, was most of a warm
+    sample.py's start (BENCHMARKS.md, "Start-up")."""
+    where = os.path.join(self.directory, str(step))
+    digest = ((self._read_json(step, 'checksums', missing_ok=True) or {}).get('parts')
+              or {}).get(part)
+    if digest is None:
+      return None
+    item = {part: abstract}
+    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                          item)
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        out = reader.restore(epath.Path(where) / 'state', args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))[part]
+    except Exception as e:
+      raise CheckpointError(f'checkpoint {where} is damaged, restoring its {part} failed: '
+                            f'{_one_line(e, 240)}') from e
+    if state_digest(out) != digest:
+      raise CheckpointError(f'checkpoint {where} is corrupt: its {part} does not match the '
+                            'checksum written with it (truncated or modified files)')
+    return out
 
   def restore(self, step, abstract_state, with_data=True):
     """-> (state, iterator_state or None), checked against the checkpoint's checksums."""
     where = os.path.join(self.directory, str(step))
     has_sums = os.path.isdir(os.path.join(where, 'checksums'))
     wanted = abstract_state
-    abstract_state = _as_saved_ema(abstract_state, where)
+    abstract_state = _as_saved_ema(abstract_state, where, self.read_config(step))
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if with_data:
       import grain  # pylint: disable=import-outside-toplevel
@@ -296,18 +342,24 @@ def check_compatible(saved, config, workdir):
           f'{", ".join(diff) or section} differ); use a new --workdir or the saved config')
 
 
-def _as_saved_ema(abstract_state, where):
+def _as_saved_ema(abstract_state, where, saved_config):
   """A train state keeps EMA params only while train.ema_decay > 0. Restore what the
   checkpoint holds (a mismatch would read as a damaged checkpoint); _with_wanted_ema
-  then drops the EMA or starts it from the params."""
+  then drops the EMA or starts it from the params. The config saved with the state says
+  which (every save writes the state its config made); orbax's metadata of every leaf
+  (0.6-0.8 s for the digits model) is read only for a config without train.ema_decay."""
   if not hasattr(abstract_state, 'ema_params'):
     return abstract_state
-  try:
-    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / 'state')
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'checkpoint {where} is damaged, reading its metadata failed: '
-                          f'{_one_line(e, 240)}') from e
-  keeps = 'ema_params' in saved and saved['ema_params'] is not None
+  decay = (saved_config.get('train') or {}).get('ema_decay')
+  if decay is not None:
+    keeps = float(decay) > 0
+  else:
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / 'state')
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'checkpoint {where} is damaged, reading its metadata failed: '
+                            f'{_one_line(e, 240)}') from e
+    keeps = 'ema_params' in saved and saved['ema_params'] is not None
   return abstract_state.replace(ema_params=abstract_state.params if keeps else None)
 
 

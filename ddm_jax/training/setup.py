@@ -146,15 +146,29 @@ def load_base_unet(workdir):
       raise ConfigError(f'config.train.init_from: {where} is a latent (Stable Diffusion) run; '
                         'only pixel UNets can be copied')
     setup = TrainSetup(build_ddm(config), config)
-    state, _ = ckpt.restore(step, setup.target, with_data=False)
+    params, source = _restore_sample_params(ckpt, step, setup)
   finally:
     ckpt.close()
-  source = 'params' if state.ema_params is None else 'ema_params'
-  if not isinstance(state.params, dict) or 'unet' not in state.params:
+  if not isinstance(params, dict) or 'unet' not in params:
     raise ConfigError(f'config.train.init_from: {where} holds no params["unet"]')
-  unet = setup.ddm.merged_unet(state.sample_params)   # a LoRA fine-tune: adapters folded in
-  del state
+  unet = setup.ddm.merged_unet(params)   # a LoRA fine-tune: adapters folded in
+  del params
   return unet, {'base': where, 'step': int(step), 'source': source}
+
+
+def _restore_sample_params(ckpt, step, setup, use_ema=True):
+  """The weights to sample with from checkpoint `step` of a run trained under
+  `setup.config`: its EMA where it kept one (and `use_ema`), else its params. Only that
+  part of the state is read where the checkpoint allows it (`Checkpointer.restore_part`),
+  else the whole state. -> (params, 'ema_params' or 'params')."""
+  keeps_ema = float(setup.config.train.get('ema_decay', 0.0)) > 0
+  part = 'ema_params' if use_ema and keeps_ema else 'params'
+  params = ckpt.restore_part(step, part, setup.target.params)
+  if params is None:
+    state, _ = ckpt.restore(step, setup.target, with_data=False)
+    params = state.sample_params if use_ema else state.params
+    part = 'ema_params' if use_ema and state.ema_params is not None else 'params'
+  return params, part
 
 
 @dataclasses.dataclass
@@ -178,7 +192,8 @@ def load_trained(workdir, use_ema=True):
     raise CheckpointError(f'no finished checkpoint in {ckpt.directory}')
   config = config_from_json(ckpt.read_config(step))
   setup = TrainSetup(build_ddm(config), config)
-  state, _ = ckpt.restore(step, setup.target, with_data=False)
-  ckpt.close()
-  params = state.sample_params if use_ema else state.params
+  try:
+    params, _ = _restore_sample_params(ckpt, step, setup, use_ema)
+  finally:
+    ckpt.close()
   return Trained(config, setup.ddm, params, setup.frozen(), setup.mesh, step)
