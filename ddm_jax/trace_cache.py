@@ -6,7 +6,9 @@ program is traced once, exported (`jax.export`) and stored under a key made of e
 it depends on: jax and jaxlib, the devices, the ddm_jax sources, the caller's description
 (the config, the function's role) and the arguments' avals and shardings. A warm start reads
 it back and compiles it. Cold and warm compile the same module (the cold run compiles what
-it has just serialized, read back), so XLA's cache hits as well.
+it has just serialized, read back), so XLA's cache hits as well. The compiled executable is
+stored beside its entry too (`NAME.exe`, keyed also on the XLA flags and the processor), so
+a warm start neither lowers the program nor looks it up in XLA's cache.
 
 `jit(fun, description, **jit_kw)` is `jax.jit(fun, **jit_kw)` that remembers how it was made;
 `trace(jitted, *args)` gives `.out_info` and `.compile()` as `jitted.trace(*args)` would.
@@ -24,13 +26,17 @@ import hashlib
 import json
 import os
 import pickle
+import platform
 import sys
 
 import jax
+from jax.experimental import serialize_executable
 
 from ddm_jax.files import write_bytes
 
 FORMAT = b'ddm_jax trace 1\n'
+EXE_FORMAT = b'ddm_jax executable 1\n'
+_XLA_CACHE_HIT = '/jax/compilation_cache/cache_hits'
 _folder = None
 
 
@@ -136,6 +142,7 @@ class _Cached:
                  for a in self.avals],
                 self.donated, str(jax.tree_util.tree_map(_sharding_text, self.out_prefix))))
     path = os.path.join(_folder, hashlib.sha256(key.encode()).hexdigest() + '.trace')
+    self.path, self.key = path, key
     entry = _read(path, key)
     if entry is None:
       blob, out_tree = self._export(jitted)
@@ -167,6 +174,17 @@ class _Cached:
     return exported.serialize(), out_trees[0]
 
   def compile(self):
+    """The executable stored beside the entry (no lowering, no XLA cache lookup), else the
+    program lowered and compiled, and its executable stored."""
+    exe_path, exe_key = self.path[:-len('.trace')] + '.exe', repr((self.key, _machine()))
+    shardings = self.in_shardings or self.out_shardings
+    devices = getattr(shardings[0], '_device_assignment', None) if shardings else None
+    loaded = _read_executable(exe_path, exe_key, devices)
+    if loaded is not None:
+      return Compiled(loaded, self.in_tree, self.out_tree)
+    hits = []
+    listen = lambda event, **_: hits.append(event) if event == _XLA_CACHE_HIT else None  # noqa: E731
+    jax.monitoring.register_event_listener(listen)
     try:
       compiled = jax.jit(self.exported.call, in_shardings=self.in_shardings,
                          out_shardings=self.out_shardings,
@@ -174,7 +192,45 @@ class _Cached:
     except Exception as e:  # pylint: disable=broad-except
       _note(f'{_name(self.jitted)}: cached program not compiled ({_why(e)}); tracing again')
       return self.jitted.plain.lower(*self.args).compile()
+    finally:
+      jax.monitoring.unregister_event_listener(listen)
+    if not hits:
+      # Only a program compiled here is stored: jaxlib serializes an executable it loaded
+      # from XLA's cache without its code (it then fails when run: "Function ... not found").
+      _write_executable(exe_path, exe_key, compiled)
     return Compiled(compiled, self.in_tree, self.out_tree)
+
+
+def _read_executable(path, key, devices):
+  """The compiled program stored at `path` for `key`, loaded onto `devices`; None when
+  there is none or it cannot be used (damaged, another program's, refused by jaxlib)."""
+  return _read_entry(path, EXE_FORMAT, key, lambda e: serialize_executable.deserialize_and_load(
+      e['blob'], e['in_tree'], e['out_tree'], execution_devices=devices))
+
+
+def _write_executable(path, key, compiled):
+  """Stores `compiled` for `_read_executable`; a program jaxlib cannot serialize (e.g. with
+  constants closed over) is simply not stored."""
+  try:
+    blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+  except Exception:  # pylint: disable=broad-except
+    return
+  payload = pickle.dumps({'key': key, 'blob': blob, 'in_tree': in_tree, 'out_tree': out_tree})
+  write_bytes(path, EXE_FORMAT + hashlib.sha256(payload).digest() + payload)
+
+
+@functools.lru_cache(maxsize=None)
+def _machine():
+  """What an executable is compiled for beyond the entry's key: the XLA flags and, on CPU,
+  the processor (XLA:CPU emits code for the host's instruction set; a cache folder shared
+  by other machines must not hand them this one's code)."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      flags = sorted({line for line in f if line.startswith(('flags', 'model name'))})
+  except OSError:
+    flags = []
+  return (os.environ.get('XLA_FLAGS', ''), platform.machine(), platform.processor(),
+          hashlib.sha256(''.join(flags).encode()).hexdigest())
 
 
 def _flat_out(prefix, out_tree):
@@ -198,28 +254,35 @@ class Compiled:
     return getattr(self.compiled, name)
 
 
-def _read(path, key):
-  """(exported program, results' treedef) of the entry at `path`; None when there is none
-  or it cannot be used (damaged, truncated, another program's)."""
+def _read_entry(path, head, key, load):
+  """`load(entry)` of the file at `path` (head + sha256 + pickled entry); None when there is
+  none or it cannot be used (damaged, truncated, another program's), with a note."""
+  again = 'tracing again' if head == FORMAT else 'compiling again'
   try:
     with open(path, 'rb') as f:
       data = f.read()
   except FileNotFoundError:
     return None
   except OSError as e:
-    _note(f'cannot read {path} ({e.strerror}); tracing again')
+    _note(f'cannot read {path} ({e.strerror}); {again}')
     return None
-  head, digest, payload = data[:len(FORMAT)], data[len(FORMAT):len(FORMAT) + 32], data[len(FORMAT) + 32:]
+  digest, payload = data[len(head):len(head) + 32], data[len(head) + 32:]
   try:
-    if head != FORMAT or hashlib.sha256(payload).digest() != digest:
+    if data[:len(head)] != head or hashlib.sha256(payload).digest() != digest:
       raise ValueError('damaged or truncated')
     entry = pickle.loads(payload)
     if entry['key'] != key:
       raise ValueError('another program under the same hash')
-    return jax.export.deserialize(bytearray(entry['exported'])), entry['out_tree']
+    return load(entry)
   except Exception as e:  # pylint: disable=broad-except
-    _note(f'{os.path.basename(path)} unusable ({_why(e)}); tracing again')
+    _note(f'{os.path.basename(path)} unusable ({_why(e)}); {again}')
     return None
+
+
+def _read(path, key):
+  """(exported program, results' treedef) of the entry at `path`, or None."""
+  return _read_entry(path, FORMAT, key, lambda e: (jax.export.deserialize(bytearray(e['exported'])),
+                                                  e['out_tree']))
 
 
 def _sharding_text(s):

@@ -27,8 +27,8 @@ def traces(tmp_path):
   trace_cache.configure(None)
 
 
-def _entries(folder):
-  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+def _entries(folder, suffix='.trace'):
+  return sorted(n for n in os.listdir(folder) if n.endswith(suffix)) if os.path.isdir(folder) else []
 
 
 def _equal(a, b):
@@ -36,18 +36,19 @@ def _equal(a, b):
       lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
 
 
-def _counting_jit(calls, description='test program'):
+def _counting_jit(calls, description='test program', salt=1.0):
   """A small jitted program with a pytree argument, donation and shardings, counting its
-  traces in `calls`."""
+  traces in `calls`. A `salt` other than 1 makes a program XLA has never compiled (its
+  persistent cache may be shared with earlier test sessions)."""
   mesh = parallel.make_mesh()
   repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
   def fun(state, x):
     calls.append(1)
-    new = {'w': state['w'] + jnp.tanh(x).mean(0), 'n': state['n'] + 1}
+    new = {'w': state['w'] + jnp.tanh(x * salt).mean(0), 'n': state['n'] + 1}
     return new, {'y': jnp.sin(x) * new['w']}
 
-  jitted = trace_cache.jit(fun, description, in_shardings=(repl, data),
+  jitted = trace_cache.jit(fun, description and (description, salt), in_shardings=(repl, data),
                            out_shardings=({'w': repl, 'n': repl}, data), donate_argnums=(0,))
   state = lambda: jax.device_put({'w': jnp.arange(3.0), 'n': jnp.int32(0)}, repl)  # noqa: E731
   x = jax.device_put(np.linspace(-1, 1, 24, dtype=np.float32).reshape(8, 3), data)
@@ -69,6 +70,60 @@ def test_warm_start_reads_the_program_instead_of_tracing(traces):
     assert s['w'].is_deleted(), 'the state is no longer donated'
     assert got[1]['y'].sharding.is_equivalent_to(x.sharding, 2)
   assert trace_cache.trace(jitted, state(), x).out_info[1]['y'].shape == (8, 3)
+
+
+def _fresh_program(calls, description='test program'):
+  return _counting_jit(calls, description, salt=1.0 + float(np.random.default_rng().random()))
+
+
+def test_warm_start_loads_the_stored_executable_without_lowering(traces, monkeypatch):
+  calls = []
+  jitted, state, x = _fresh_program(calls)
+  want = jitted.plain(state(), x)
+  trace_cache.compile(jitted, state(), x)
+  assert len(_entries(traces, '.exe')) == 1
+  def refuse(*args, **kwargs):
+    raise AssertionError('lowered again')
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', refuse)
+  warm = trace_cache.compile(jitted, state(), x)
+  s = state()
+  got = warm(s, x)
+  assert _equal(got, want) and s['w'].is_deleted()
+  assert got[1]['y'].sharding.is_equivalent_to(x.sharding, 2)
+
+
+def test_an_executable_from_xla_cache_is_not_stored(traces, tmp_path):
+  """jaxlib serializes an executable it loaded from XLA's persistent cache without its
+  code; stored, it would fail when run. The tests' XLA cache is on (tests.helpers)."""
+  calls = []
+  jitted, state, x = _fresh_program(calls)
+  want = jitted.plain(state(), x)
+  trace_cache.compile(jitted, state(), x)   # compiled here: now in XLA's cache
+  assert len(_entries(traces, '.exe')) == 1
+  other = tmp_path / 'other'
+  trace_cache.configure(str(other))
+  for _ in range(2):   # the second compile finds the entry and would load a stored executable
+    assert _equal(trace_cache.compile(jitted, state(), x)(state(), x), want)
+  assert len(_entries(other)) == 1 and not _entries(other, '.exe')
+
+
+@pytest.mark.parametrize('how', DAMAGES + ('mismatched',))
+def test_a_bad_executable_is_compiled_again_and_rewritten(traces, capsys, monkeypatch, how):
+  calls = []
+  jitted, state, x = _fresh_program(calls)
+  trace_cache.compile(jitted, state(), x)
+  want = jitted.plain(state(), x)
+  [name] = _entries(traces, '.exe')
+  if how == 'mismatched':   # another program's executable under this one's name
+    trace_cache.compile(_fresh_program(calls, 'another config')[0], state(), x)
+    [a, b] = _entries(traces, '.exe')
+    os.replace(traces / (b if a == name else a), traces / name)
+  else:
+    damage_file(traces / name, how)
+  capsys.readouterr()
+  assert _equal(trace_cache.compile(jitted, state(), x)(state(), x), want)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'compiling again' in err[0], err
 
 
 def test_description_and_avals_are_part_of_the_key(traces):

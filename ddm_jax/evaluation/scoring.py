@@ -6,12 +6,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddm_jax import trace_cache
 from ddm_jax.diffusion.schedules import add_noise
 from ddm_jax.evaluation import classifier, fairness, quality
 from ddm_jax.evaluation.context import arch_key
 from ddm_jax.objective import predicted_noise
 
-_ENTROPY_FNS = {}
+_ENTROPY_FNS = {}   # (arch_key, argument shapes) -> the compiled logits program
+
+
+def _entropy_program(config, ddm, args):
+  """The indicator's logits on noised real images, compiled once per process and model
+  architecture, through the trace cache (traced anew, it was ~1.5 s of a warm evaluate.py)."""
+  sig = (arch_key(config), str(jax.tree_util.tree_map(lambda a: (np.shape(a), str(a.dtype)),
+                                                      args[2:])))
+  if sig not in _ENTROPY_FNS:
+    def fn(params, frozen, batch, t, key_data):
+      k_batch, k_noise = jax.random.split(jax.random.wrap_key_data(key_data))
+      x0, _, cond = ddm.prepare_batch(frozen, batch, k_batch)
+      noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+      x_t = add_noise(ddm.sched, x0, noise, t)
+      out = ddm.model_fn(params, frozen, x_t, t, **cond)
+      return ddm.indicator_fn(params, predicted_noise(ddm.sched, out, x_t, t), x_t, t)
+
+    # replicated where the weights are (load_trained: over the mesh)
+    where = jax.tree_util.tree_leaves(args[0])[0].sharding
+    _ENTROPY_FNS[sig] = trace_cache.compile(
+        trace_cache.jit(fn, trace_cache.describe('indicator entropy', config),
+                        in_shardings=where, out_shardings=where), *args)
+  return _ENTROPY_FNS[sig]
 
 
 def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, batch_size=500):
@@ -27,18 +50,6 @@ def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, ba
   x, y = images[idx], np.asarray(labels)[idx].astype(np.int32)
   T = int(ddm.sched.num_train_timesteps)
   ts = rng.integers(0, T, size=n).astype(np.int32)
-  key = arch_key(config)
-  if key not in _ENTROPY_FNS:
-    def fn(params, frozen, batch, t, rng):
-      k_batch, k_noise = jax.random.split(rng)
-      x0, _, cond = ddm.prepare_batch(frozen, batch, k_batch)
-      noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-      x_t = add_noise(ddm.sched, x0, noise, t)
-      out = ddm.model_fn(params, frozen, x_t, t, **cond)
-      return ddm.indicator_fn(params, predicted_noise(ddm.sched, out, x_t, t), x_t, t)
-
-    _ENTROPY_FNS[key] = jax.jit(fn)
-  fn = _ENTROPY_FNS[key]
   # The real images carry no prompts here: host_features gives each the config's prompt.
   batch = _stack([{'image': x[i], 'label': y[i], **ddm.host_features({'label': y[i]})}
                   for i in range(n)])
@@ -48,8 +59,9 @@ def indicator_stats(config, ddm, params, frozen, images, labels, num, seed=0, ba
     m = min(bs, n - start)
     pad = lambda a: np.concatenate([a, np.repeat(a[:1], bs - m, axis=0)]) if m < bs else a
     part = {k: pad(v[start:start + m]) for k, v in batch.items()}
-    out = fn(params, frozen, part, pad(ts[start:start + m]),
-             jax.random.fold_in(jax.random.key(seed), i))
+    args = (params, frozen, part, pad(ts[start:start + m]),
+            np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), i))))
+    out = _entropy_program(config, ddm, args)(*args)
     logits.append(np.asarray(out, np.float64)[:m])
   logits = np.concatenate(logits)
   mean, std = fairness.entropy_stats(logits)
