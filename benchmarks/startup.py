@@ -180,7 +180,9 @@ def main(argv=None):
                'load_start': round(os.getloadavg()[0], 2)}
         row['cold'] = measure(command, paths, cache, f'{rnd}_cold')
         traces = os.path.join(cache, 'traces')   # ddm_jax.trace_cache's entries
-        row['trace_entries'] = len(os.listdir(traces)) if os.path.isdir(traces) else 0
+        names = os.listdir(traces) if os.path.isdir(traces) else []
+        row['trace_entries'] = sum(n.endswith('.trace') for n in names)
+        row['stored_executables'] = sum(n.endswith('.exe') for n in names)
         row['warm'] = measure(command, paths, cache, f'{rnd}_warm')
         row['warm_over_cold_first'] = round(row['warm']['first_s'] / row['cold']['first_s'], 3)
         row['load_end'] = round(os.getloadavg()[0], 2)

@@ -19,8 +19,10 @@ cannot serialize flax's and optax's pytree nodes); the results' structure is pic
 Bypassed (jax's own path): no folder (`--no_jax_cache`), multi-process runs (every host
 would have to find the same entries; not built), jits without explicit shardings, and any
 failure to export (e.g. host callbacks). A damaged or mismatched entry is traced again and
-rewritten, with a one-line note.
+rewritten, with a one-line note. The folder is kept under `MAX_BYTES`, least recently used
+entries evicted first.
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -37,13 +39,17 @@ from ddm_jax.files import write_bytes
 FORMAT = b'ddm_jax trace 1\n'
 EXE_FORMAT = b'ddm_jax executable 1\n'
 _XLA_CACHE_HIT = '/jax/compilation_cache/cache_hits'
+# Entries (and executables) beyond this many bytes are evicted, least recently used first:
+# every ddm_jax source change, config and shape makes new ones and nothing else removes them.
+MAX_BYTES = 4 << 30
 _folder = None
+_max_bytes = MAX_BYTES
 
 
-def configure(folder):
-  """Store entries in `folder` (None: no trace cache)."""
-  global _folder  # pylint: disable=global-statement
-  _folder = folder
+def configure(folder, max_bytes=MAX_BYTES):
+  """Store entries in `folder` (None: no trace cache), at most `max_bytes` of them."""
+  global _folder, _max_bytes  # pylint: disable=global-statement
+  _folder, _max_bytes = folder, max_bytes
 
 
 def folder():
@@ -148,7 +154,7 @@ class _Cached:
       blob, out_tree = self._export(jitted)
       payload = pickle.dumps({'key': key, 'exported': bytes(blob), 'out_tree': out_tree})
       os.makedirs(_folder, exist_ok=True)
-      write_bytes(path, FORMAT + hashlib.sha256(payload).digest() + payload)
+      _store(path, FORMAT + hashlib.sha256(payload).digest() + payload)
       # what was just stored, read back: the warm run compiles this very module
       entry = jax.export.deserialize(blob), out_tree
     self.exported, self.out_tree = entry
@@ -216,7 +222,24 @@ def _write_executable(path, key, compiled):
   except Exception:  # pylint: disable=broad-except
     return
   payload = pickle.dumps({'key': key, 'blob': blob, 'in_tree': in_tree, 'out_tree': out_tree})
-  write_bytes(path, EXE_FORMAT + hashlib.sha256(payload).digest() + payload)
+  _store(path, EXE_FORMAT + hashlib.sha256(payload).digest() + payload)
+
+
+def _store(path, data):
+  """Writes an entry atomically, then evicts the least recently used entries (by mtime,
+  which a read renews) until the folder holds at most `_max_bytes`, this one kept."""
+  write_bytes(path, data)
+  try:
+    entries = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(_folder)
+               if e.name.endswith(('.trace', '.exe')) and e.path != path]
+    total = sum(size for _, size, _ in entries) + len(data)
+    for _, size, old in sorted(entries):
+      if total <= _max_bytes:
+        break
+      os.remove(old)
+      total -= size
+  except OSError:   # another process evicting the same files: theirs to finish
+    pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,6 +289,8 @@ def _read_entry(path, head, key, load):
   except OSError as e:
     _note(f'cannot read {path} ({e.strerror}); {again}')
     return None
+  with contextlib.suppress(OSError):
+    os.utime(path)   # recently used: evicted last
   digest, payload = data[len(head):len(head) + 32], data[len(head) + 32:]
   try:
     if data[:len(head)] != head or hashlib.sha256(payload).digest() != digest:

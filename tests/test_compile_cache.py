@@ -21,6 +21,7 @@ PROBE = ('import argparse, os, sys, jax, jax.numpy as jnp\n'
          'else None\n'
          'assert trace_cache.folder() == (used and os.path.join(used, "traces")), '
          'trace_cache.folder()\n'
+         'print("max:", jax.config.jax_compilation_cache_max_size)\n'
          'print("cache:", used)\n')
 
 
@@ -33,11 +34,13 @@ def _env(tmp_path, **extra):
   return env
 
 
-def _probe(tmp_path, *args, **env):
+def _probe(tmp_path, *args, max_size=False, **env):
+  """The cache folder the probe used (and, with `max_size`, JAX's size limit on it)."""
   proc = subprocess.run([sys.executable, '-c', PROBE, *args], cwd=REPO, env=_env(tmp_path, **env),
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout.split('cache:')[-1].strip()
+  folder = proc.stdout.split('cache:')[-1].strip()
+  return (folder, int(proc.stdout.split('max:')[-1].split()[0])) if max_size else folder
 
 
 def _entries(folder):
@@ -46,7 +49,8 @@ def _entries(folder):
 
 def test_cache_on_by_default_in_the_user_cache_folder(tmp_path):
   default = tmp_path / 'xdg' / 'ddm_jax' / 'jax_cache'
-  assert _probe(tmp_path) == str(default)
+  # bounded: JAX evicts the least recently used entries beyond 4 GiB
+  assert _probe(tmp_path, max_size=True) == (str(default), 4 << 30)
   assert _entries(default)
 
 
@@ -126,8 +130,10 @@ def test_damaged_cache_never_breaks_train_py(data_dir, tmp_path):
     return proc
 
   train(tmp_path / 'first')
-  assert len(_entries(folder / 'traces')) == 2   # the init and the step
+  traces = _entries(folder / 'traces')
+  assert len([n for n in traces if n.endswith('.trace')]) == 2   # the init and the step
+  assert len([n for n in traces if n.endswith('.exe')]) == 2     # and their executables
   assert _damage(folder) > 0
   proc = train(tmp_path / 'second')
   assert 'persistent compilation cache' in proc.stderr   # JAX warned, read nothing, compiled
-  assert proc.stderr.count('note: trace cache:') == 2   # one line per damaged trace
+  assert proc.stderr.count('note: trace cache:') == 4   # one line per damaged file

@@ -4,6 +4,7 @@ truncated or mismatched entries and programs that cannot be exported fall back t
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,32 @@ def test_a_bad_executable_is_compiled_again_and_rewritten(traces, capsys, monkey
   assert _equal(trace_cache.compile(jitted, state(), x)(state(), x), want)
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'compiling again' in err[0], err
+
+
+def test_least_recently_used_entries_are_evicted_beyond_the_size_limit(traces):
+  calls = []
+  programs = [_fresh_program(calls, f'program {i}') for i in range(3)]
+  files = []
+
+  def run(i):
+    before = set(os.listdir(traces)) if traces.is_dir() else set()
+    trace_cache.compile(programs[i][0], programs[i][1](), programs[i][2])
+    files.append(set(os.listdir(traces)) - before)   # its entry and its executable
+
+  run(0)
+  run(1)
+  assert [len(f) for f in files] == [2, 2]
+  now = time.time()
+  for names, age in zip(files, (100, 50)):
+    for n in names:
+      os.utime(traces / n, (now - age, now - age))
+  run(0)                                   # program 0 read again: now the most recent
+  total = sum(f.stat().st_size for f in traces.iterdir())
+  trace_cache.configure(str(traces), max_bytes=total + 1000)   # room for two programs
+  run(2)
+  left = set(os.listdir(traces))
+  assert left == files[0] | files[3], 'not the least recently used program evicted'
+  assert sum(f.stat().st_size for f in traces.iterdir()) <= total + 1000
 
 
 def test_description_and_avals_are_part_of_the_key(traces):
