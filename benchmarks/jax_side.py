@@ -201,7 +201,7 @@ class TrainStep:
 
   def step(self):
     self.build()
-    self.state, metrics = self.compiled(self.state, self.batch, self.frozen)
+    self.state, metrics = self.compiled(self.state, self.batch, self.frozen, self.setup.hyper)
     return metrics
 
   def trainable_count(self):

@@ -167,13 +167,13 @@ def main(argv):
   rss_weights = peak_rss_gib()
   n_train = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   t0 = time.time()
-  state, metrics = compiled(state, batch, frozen)
+  state, metrics = compiled(state, batch, frozen, setup.hyper)
   jax.block_until_ready(metrics)
   t_first = time.time() - t0
   times = []
   for _ in range(args.steps):
     t0 = time.time()
-    state, metrics = compiled(state, batch, frozen)
+    state, metrics = compiled(state, batch, frozen, setup.hyper)
     jax.block_until_ready(metrics)
     times.append(time.time() - t0)
   timeline.mark('timed')

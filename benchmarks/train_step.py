@@ -40,13 +40,13 @@ def main(argv):
   step = setup.step_fn()
 
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, frozen).compile()
+  compiled = step.lower(state, batch, frozen, setup.hyper).compile()
   compile_s = time.perf_counter() - t0
-  state, m = compiled(state, batch, frozen)          # warm-up, excluded
+  state, m = compiled(state, batch, frozen, setup.hyper)   # warm-up, excluded
   jax.block_until_ready(m)
   t0 = time.perf_counter()
   for _ in range(args.steps):
-    state, m = compiled(state, batch, frozen)
+    state, m = compiled(state, batch, frozen, setup.hyper)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t0) / args.steps
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))

@@ -293,3 +293,40 @@ def validate(config):
     _require(c % m.norm_num_groups == 0, 'model.norm_num_groups',
              f'{m.norm_num_groups} does not divide block channels {tuple(m.block_out_channels)}')
   return config
+
+
+# Keys no compiled program reads as a constant: the train step takes these as arguments
+# (training.step.hyperparameters), and the rest only steer the host side (which data, how
+# often to log or save, where to start from). A sweep over them compiles each program once;
+# tests/test_step_hyperparameters.py checks that changing any of them leaves the lowered
+# train step, its init and the sampler unchanged.
+RUNTIME_KEYS = ('train.seed', 'loss.w_rec', 'loss.w_ind', 'loss.group_weights', 'optim.lr')
+# optim.lr is an argument under these schedules; optax's cosine schedule needs a concrete
+# peak (it tests `peak == 0` in Python), so there it stays a constant of the program.
+RUNTIME_LR_SCHEDULES = ('constant', 'warmup')
+HOST_KEYS = ('data.class_filter', 'data.data_dir', 'data.group_ratio', 'data.groups',
+             'data.image_key', 'data.label_key', 'data.name', 'data.proportions',
+             'data.pseudo_labels', 'data.pseudo_pca_dims', 'data.shuffle_seed', 'data.split',
+             'train.checkpoint_every', 'train.init_from', 'train.keep_checkpoints',
+             'train.log_every', 'train.num_sample_images', 'train.sample_every',
+             'train.skip_nonfinite')
+
+
+def program_config(config):
+  """`config` without RUNTIME_KEYS and HOST_KEYS, as a plain dict: what the compiled
+  programs depend on (the trace cache's description of them). Whether loss.group_weights
+  is set stays: it switches the loss to a per-sample weighted mean; under the cosine
+  schedule optim.lr and train.num_steps (its peak and its length) stay."""
+  d = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+  weighted = bool(len(d.get('loss', {}).get('group_weights', ()) or ()))
+  runtime_lr = d.get('optim', {}).get('schedule') in RUNTIME_LR_SCHEDULES
+  if runtime_lr:   # the cosine schedule's length is train.num_steps; the others read none
+    d.get('train', {}).pop('num_steps', None)
+  for dotted in RUNTIME_KEYS + HOST_KEYS:
+    section, key = dotted.split('.')
+    if dotted != 'optim.lr' or runtime_lr:
+      d.get(section, {}).pop(key, None)
+  if 'loss' in d:
+    d['loss']['weighted'] = weighted
+  return d

@@ -343,10 +343,12 @@ def source_hash():
 
 
 def describe(role, config):
-  """A description of a program built from `config` alone (plus, for Stable Diffusion,
-  the small files of its model folder)."""
-  pretrained = config.model.get('pretrained', '') if 'model' in config else ''
-  return (role, json.dumps(config.to_dict(), sort_keys=True, default=repr),
+  """A description of a program built from `config` alone (a ConfigDict or a dict, e.g.
+  `config.program_config`'s), plus, for Stable Diffusion, the small files of its model
+  folder."""
+  d = config.to_dict() if hasattr(config, 'to_dict') else config
+  pretrained = (d.get('model') or {}).get('pretrained', '')
+  return (role, json.dumps(d, sort_keys=True, default=repr),
           folder_fingerprint(pretrained) if pretrained and os.path.isdir(pretrained) else None)
 
 

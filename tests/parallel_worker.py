@@ -80,10 +80,10 @@ def main():
           'batch_shard_shapes': [list(s.data.shape) for s in batch['image'].addressable_shards],
           'batch_is_global_batch': bool(np.array_equal(gathered['image'], images)
                                         and np.array_equal(gathered['label'], labels))}
-  step_fn = compiled(step_fn, state, batch, frozen)
+  step_fn = compiled(step_fn, state, batch, frozen, setup.hyper)
   losses = []
   for _ in range(args.steps):
-    state, metrics = step_fn(state, batch, frozen)
+    state, metrics = step_fn(state, batch, frozen, setup.hyper)
     losses.append(parallel.to_host(metrics))
   host = parallel.to_host({'params': state.params, 'ema': state.ema_params, 'step': state.step})
   info['step'] = int(host['step'])

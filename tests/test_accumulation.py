@@ -10,7 +10,7 @@ from ddm_jax.ddm.protocol import DDM
 from ddm_jax.diffusion.schedules import make_schedule
 from ddm_jax.training.optim import make_optimizer
 from ddm_jax.training.state import create_train_state
-from ddm_jax.training.step import make_train_step
+from ddm_jax.training.step import hyperparameters, make_train_step
 from tests.helpers import tiny_config
 
 DECAY = 0.9
@@ -37,13 +37,14 @@ def run(k, steps):
   ddm = LinearDDM()
   tx = make_optimizer(config.optim, config.train.num_steps)
   state = create_train_state(ddm.init(None), tx, DECAY)
-  step = jax.jit(make_train_step(ddm, config, tx))
+  step = jax.jit(make_train_step(ddm, config))
+  hyper = hyperparameters(config)
   rng = np.random.default_rng(0)
   params, emas = [state.params], [state.ema_params]
   for _ in range(steps):
     batch = {'image': jnp.asarray(rng.standard_normal((4, 2, 2, 2)), jnp.float32),
              'label': jnp.asarray(rng.integers(0, 2, 4), jnp.int32)}
-    state, _ = step(state, batch, {})
+    state, _ = step(state, batch, {}, hyper)
     params.append(jax.device_get(state.params))
     emas.append(jax.device_get(state.ema_params))
   return params, emas

@@ -15,7 +15,7 @@ from ddm_jax.models import lora as lora_lib
 from ddm_jax.generation.prompts import inference_params
 from ddm_jax.training.optim import make_optimizer
 from ddm_jax.training.state import create_train_state
-from ddm_jax.training.step import make_train_step
+from ddm_jax.training.step import hyperparameters, make_train_step
 from tests.sd_helpers import perturbed, sd_config, tiny_folder
 
 
@@ -130,9 +130,9 @@ def test_training_moves_only_lora_and_indicator(folder):
   batch = {'image': jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32),
            'label': jnp.asarray([0, 1], jnp.int32),
            'input_ids': jnp.asarray(ddm.tokenize(['a face', 'a face']))}
-  step = jax.jit(make_train_step(ddm, config, tx))
+  step = jax.jit(make_train_step(ddm, config))
   for _ in range(2):
-    state, metrics = step(state, batch, frozen)
+    state, metrics = step(state, batch, frozen, hyperparameters(config))
   assert int(state.step) == 2 and np.isfinite(float(metrics['loss']))
   # every trainable leaf moved (LoRA B from zero, A, the indicator) ...
   moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), state.params, before)

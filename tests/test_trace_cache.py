@@ -234,10 +234,10 @@ def test_train_step_through_the_cache_is_bit_identical(tiny, traces):
       step = setup.compile(batch, frozen)
     else:
       trace_cache.configure(None)
-      step = setup.step_fn().lower(state, batch, frozen).compile()
+      step = setup.step_fn().lower(state, batch, frozen, setup.hyper).compile()
       trace_cache.configure(str(traces))
     for _ in range(2):
-      state, metrics = step(state, batch, frozen)
+      state, metrics = step(state, batch, frozen, setup.hyper)
     results.append(jax.device_get((state, metrics)))
   assert len(_entries(traces)) == 2   # the init and the step
   assert _equal(results[1], results[0]) and _equal(results[2], results[0])

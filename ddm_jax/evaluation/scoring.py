@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddm_jax import trace_cache
+from ddm_jax.config import program_config
 from ddm_jax.diffusion.schedules import add_noise
 from ddm_jax.evaluation import classifier, fairness, quality
 from ddm_jax.evaluation.context import arch_key
@@ -32,7 +33,7 @@ def _entropy_program(config, ddm, args):
     # replicated where the weights are (load_trained: over the mesh)
     where = jax.tree_util.tree_leaves(args[0])[0].sharding
     _ENTROPY_FNS[sig] = trace_cache.compile(
-        trace_cache.jit(fn, trace_cache.describe('indicator entropy', config),
+        trace_cache.jit(fn, trace_cache.describe('indicator entropy', program_config(config)),
                         in_shardings=where, out_shardings=where), *args)
   return _ENTROPY_FNS[sig]
 

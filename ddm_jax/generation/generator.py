@@ -9,6 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ddm_jax import parallel, trace_cache
+from ddm_jax.config import program_config
 from ddm_jax.diffusion.samplers import SAMPLERS, make_denoiser
 
 
@@ -95,7 +96,7 @@ def _description(ddm, sampler, kw, guidance):
   if config is None or (guidance is not None and hook is None):
     return None
   return trace_cache.describe(('sampler', type(ddm).__name__, sampler, sorted(kw.items()), hook),
-                              config)
+                              program_config(config))
 
 
 def _rows(a, lo, hi, size):

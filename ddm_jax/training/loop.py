@@ -138,7 +138,8 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
   batches = (parallel.global_batch(mesh, b) for b in iterator)
   if start < num_steps:  # compiled before its first run; with many hosts they meet first
     first = next(batches)
-    step_fn = parallel.compile_and_meet(step_fn, state, first, frozen, name='train step')
+    step_fn = parallel.compile_and_meet(step_fn, state, first, frozen, setup.hyper,
+                                        name='train step')
     batches = itertools.chain([first], batches)
   multi = jax.process_count() > 1
   pbar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main),
@@ -147,7 +148,7 @@ def train(config, workdir, should_stop=lambda: False, progress=True):
   step = start
   try:
     for step in range(start + 1, num_steps + 1):
-      state, metrics = step_fn(state, next(batches), frozen)
+      state, metrics = step_fn(state, next(batches), frozen, setup.hyper)
       pbar.update(1)
       if step % config.train.log_every == 0 or step == num_steps:
         m = parallel.to_host(metrics)

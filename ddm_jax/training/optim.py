@@ -3,8 +3,9 @@ import jax
 import optax
 
 
-def lr_schedule(optim_cfg, num_updates):
-  lr, warm = optim_cfg.lr, optim_cfg.warmup_steps
+def lr_schedule(optim_cfg, num_updates, lr=None):
+  """`lr`: the peak learning rate, default optim.lr (the train step passes its argument)."""
+  lr, warm = optim_cfg.lr if lr is None else lr, optim_cfg.warmup_steps
   if optim_cfg.schedule == 'constant':
     return optax.constant_schedule(lr)
   if optim_cfg.schedule == 'warmup':
@@ -36,17 +37,19 @@ def trainable_labels(params, trainable='all'):
           for k, v in params.items()}
 
 
-def make_optimizer(optim_cfg, num_steps, trainable='all'):
+def make_optimizer(optim_cfg, num_steps, trainable='all', lr=None):
   """`num_steps` counts micro-batches; with grad_accum = k the schedule sees
   num_steps // k updates, and optax.MultiSteps applies one every k steps.
   `trainable` (train.trainable): 'indicator' updates params['indicator'] only, 'lora'
-  params['unet_lora'] and params['indicator']; the rest gets zero updates and keeps no optimizer state (the train step also keeps those
-  leaves and their EMA exactly as they were)."""
+  params['unet_lora'] and params['indicator']; the rest gets zero updates and keeps no
+  optimizer state (the train step also keeps those leaves and their EMA exactly as they
+  were). `lr` overrides optim.lr (a traced value in the train step: the optimizer state's
+  structure does not depend on it)."""
   k = optim_cfg.grad_accum
   clip = {'value': lambda: [optax.clip(optim_cfg.clip_value)],   # the reference's clip_grad_value_
           'norm': lambda: [optax.clip_by_global_norm(optim_cfg.clip_value)],
           'none': lambda: []}[optim_cfg.clip]()
-  tx = optax.chain(*clip, optax.adamw(lr_schedule(optim_cfg, max(num_steps // k, 1)),
+  tx = optax.chain(*clip, optax.adamw(lr_schedule(optim_cfg, max(num_steps // k, 1), lr),
                                       b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                                       weight_decay=optim_cfg.weight_decay))
   if trainable != 'all':

@@ -16,14 +16,14 @@ import jax
 import ml_collections
 
 from ddm_jax import parallel, trace_cache
-from ddm_jax.config import is_latent
+from ddm_jax.config import is_latent, program_config
 from ddm_jax.ddm import DDM, build_ddm
 from ddm_jax.errors import CheckpointError, ConfigError
 from ddm_jax.hostmem import release_host_memory
 from ddm_jax.training.checkpoint import Checkpointer, config_from_json
 from ddm_jax.training.optim import make_optimizer
 from ddm_jax.training.state import create_train_state
-from ddm_jax.training.step import jit_train_step, make_train_step
+from ddm_jax.training.step import hyperparameters, jit_train_step, make_train_step
 
 
 def init_key(config):
@@ -45,12 +45,14 @@ class TrainSetup:
     self.data = parallel.batch_sharding(self.mesh)
     self.tx = make_optimizer(config.optim, config.train.num_steps,
                              config.train.get('trainable', 'all'))
+    # the step's last argument: seed, loss weights, lr (config.RUNTIME_KEYS), replicated
+    self.hyper = parallel.put_global(hyperparameters(config), self.repl)
     self._params = params
     # The init is traced once: its abstract result here, its program in init_state (a
     # second trace of the model's init was ~1 s of a warm train.py start).
     # With the trace cache, a warm start reads it (and the state's shapes) from there.
     self._traced_init = None if params is not None else trace_cache.trace(
-        trace_cache.jit(self._init, trace_cache.describe('train init', config),
+        trace_cache.jit(self._init, trace_cache.describe('train init', program_config(config)),
                         in_shardings=self.repl, out_shardings=self.repl), init_key(config))
     abstract = (self._traced_init.out_info if params is None
                 else jax.eval_shape(self._state_from, params))
@@ -106,13 +108,16 @@ class TrainSetup:
     return jax.device_put(self.ddm.frozen(), self.repl)
 
   def step_fn(self):
-    """The jitted train step(state, batch, frozen) -> (state, metrics), state donated."""
-    return jit_train_step(make_train_step(self.ddm, self.config, self.tx), self.shardings,
-                          self.data, self.repl, trace_cache.describe('train step', self.config))
+    """The jitted train step(state, batch, frozen, hyper) -> (state, metrics), state
+    donated; call it with `self.hyper`."""
+    return jit_train_step(make_train_step(self.ddm, self.config), self.shardings, self.data,
+                          self.repl, trace_cache.describe('train step',
+                                                          program_config(self.config)))
 
   def compile(self, batch, frozen):
-    """The step compiled ahead of time from shapes: `batch` and `frozen` may be arrays or
-    `jax.ShapeDtypeStruct`s, the state is `target`. A caller that compiles before it makes
+    """The step compiled ahead of time from shapes, called (state, batch, frozen,
+    self.hyper): `batch` and `frozen` may be arrays or `jax.ShapeDtypeStruct`s, the state
+    is `target`. A caller that compiles before it makes
     the state and the weights keeps XLA's own peak (about 1 GB of host memory for the
     SD-1.5 step on CPU, BENCHMARKS.md) from sitting on top of them; what the compiler
     freed is then handed back to the OS."""
@@ -120,7 +125,7 @@ class TrainSetup:
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding,
                                        weak_type=getattr(a, 'weak_type', False)), tree)
     compiled = trace_cache.compile(self.step_fn(), self.target, spec(batch, self.data),
-                                   spec(frozen, self.repl))
+                                   spec(frozen, self.repl), spec(self.hyper, self.repl))
     release_host_memory()
     return compiled
 
