@@ -49,8 +49,8 @@ def _entries(folder):
 
 def test_cache_on_by_default_in_the_user_cache_folder(tmp_path):
   default = tmp_path / 'xdg' / 'ddm_jax' / 'jax_cache'
-  # bounded: JAX evicts the least recently used entries beyond 4 GiB
-  assert _probe(tmp_path, max_size=True) == (str(default), 4 << 30)
+  # XLA's cache unbounded (JAX's eviction breaks on entries written without it)
+  assert _probe(tmp_path, max_size=True) == (str(default), -1)
   assert _entries(default)
 
 

@@ -3,7 +3,6 @@
 and switches JAX's persistent compilation cache on before anything is compiled."""
 import dataclasses
 import functools
-import importlib.util
 import os
 import sys
 
@@ -57,7 +56,6 @@ def host_split(host_index=None, num_hosts=None):
 
 
 CACHE_ENV = 'DDM_JAX_CACHE_DIR'   # a folder for the compilation cache, or 'off'
-XLA_CACHE_MAX_BYTES = 4 << 30     # jax_compilation_cache_max_size where none is set
 
 
 def default_cache_dir():
@@ -89,7 +87,10 @@ def use_compilation_cache(cache_dir=None, enabled=True):
   alone unless `cache_dir` names one. `enabled=False` or DDM_JAX_CACHE_DIR=off: neither.
 
   Every program is cached (minimum compile time 0): a command's many sub-second programs
-  add up to seconds. Each cache keeps its least recently used entries under 4 GiB. A damaged or stale entry makes JAX warn and compile again
+  add up to seconds. The trace cache keeps its least recently used entries under 4 GiB;
+  XLA's is left unbounded: JAX's own eviction (jax_compilation_cache_max_size) fails on
+  every write in a folder that holds entries written without it (it reads an `-atime`
+  file per entry), e.g. any cache an earlier version filled. A damaged or stale entry makes JAX warn and compile again
   (tests/test_compile_cache.py); the trace cache traces again (tests/test_trace_cache.py)."""
   import jax  # pylint: disable=import-outside-toplevel
   from ddm_jax import trace_cache  # pylint: disable=import-outside-toplevel
@@ -109,9 +110,6 @@ def use_compilation_cache(cache_dir=None, enabled=True):
       return None
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-    # JAX evicts least recently used entries beyond this (its default keeps them all)
-    if jax.config.jax_compilation_cache_max_size == -1 and importlib.util.find_spec('filelock'):
-      jax.config.update('jax_compilation_cache_max_size', XLA_CACHE_MAX_BYTES)
   trace_cache.configure(os.path.join(cache_dir, 'traces'))
   return cache_dir
 
