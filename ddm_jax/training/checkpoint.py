@@ -233,8 +233,8 @@ class Checkpointer:
     """-> (state, iterator_state or None), checked against the checkpoint's checksums."""
     where = os.path.join(self.directory, str(step))
     has_sums = os.path.isdir(os.path.join(where, 'checksums'))
-    wanted = abstract_state
-    abstract_state = _as_saved_ema(abstract_state, where, self.read_config(step))
+    wanted, saved_config = abstract_state, self.read_config(step)
+    abstract_state = _as_saved_ema(abstract_state, where, saved_config)
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if with_data:
       import grain  # pylint: disable=import-outside-toplevel
@@ -252,7 +252,7 @@ class Checkpointer:
       return _with_wanted_ema(state, wanted), it_state
     sums = out['checksums'] if isinstance(out['checksums'], dict) else {}
     checks = [('state', lambda: state_digest(state)),
-              ('config', lambda: json_digest(self.read_config(step)))]
+              ('config', lambda: json_digest(saved_config))]
     if with_data and 'data' in sums:
       checks.append(('data', lambda: json_digest(it_state)))
     for item, digest in checks:
