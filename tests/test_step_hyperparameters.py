@@ -49,16 +49,20 @@ def test_the_lists_name_every_changed_key_and_the_program_config_ignores_them(da
   assert cosine({'optim.lr': 1e-3}) != cosine({'optim.lr': 3e-3})   # a constant there
 
 
+def _step_text(setup):
+  """The train step of `setup` lowered for a batch of 8 tiny images, as text."""
+  batch = {'image': jax.ShapeDtypeStruct((8, 8, 8, 1), np.float32, sharding=setup.data),
+           'label': jax.ShapeDtypeStruct((8,), np.int32, sharding=setup.data)}
+  return setup.step_fn().lower(setup.target, batch, setup.frozen(), setup.hyper).as_text()
+
+
 def test_runs_differing_in_those_keys_lower_to_the_same_programs(data_dir):
   """The lowered init and step are the same text for both configs (a key that reached a
   program as a constant would show in it), and the hyperparameters differ."""
   texts, hypers = [], []
   for config in _configs(data_dir):
     setup = TrainSetup(build_ddm(config), config)
-    batch = {'image': jax.ShapeDtypeStruct((8, 8, 8, 1), np.float32, sharding=setup.data),
-             'label': jax.ShapeDtypeStruct((8,), np.int32, sharding=setup.data)}
-    frozen = setup.frozen()
-    texts.append((setup.step_fn().lower(setup.target, batch, frozen, setup.hyper).as_text(),
+    texts.append((_step_text(setup),
                   jax.jit(setup._init).lower(init_key(config)).as_text()))  # pylint: disable=protected-access
     hypers.append(jax.device_get(setup.hyper))
   assert texts[0] == texts[1]
@@ -70,10 +74,7 @@ def test_under_the_cosine_schedule_the_lr_is_a_constant_of_the_step(data_dir):
   texts = []
   for lr in (1e-3, 3e-3):
     config = tiny_config(data_dir, **{'optim.schedule': 'cosine', 'optim.lr': lr})
-    setup = TrainSetup(build_ddm(config), config)
-    batch = {'image': jax.ShapeDtypeStruct((8, 8, 8, 1), np.float32, sharding=setup.data),
-             'label': jax.ShapeDtypeStruct((8,), np.int32, sharding=setup.data)}
-    texts.append(setup.step_fn().lower(setup.target, batch, setup.frozen(), setup.hyper).as_text())
+    texts.append(_step_text(TrainSetup(build_ddm(config), config)))
   assert texts[0] != texts[1]
 
 

@@ -90,8 +90,9 @@ def use_compilation_cache(cache_dir=None, enabled=True):
   add up to seconds. The trace cache keeps its least recently used entries under 4 GiB;
   XLA's is left unbounded: JAX's own eviction (jax_compilation_cache_max_size) fails on
   every write in a folder that holds entries written without it (it reads an `-atime`
-  file per entry), e.g. any cache an earlier version filled. A damaged or stale entry makes JAX warn and compile again
-  (tests/test_compile_cache.py); the trace cache traces again (tests/test_trace_cache.py)."""
+  file per entry), e.g. any cache an earlier version filled. A damaged or stale entry
+  makes JAX warn and compile again (tests/test_compile_cache.py); the trace cache traces
+  again (tests/test_trace_cache.py)."""
   import jax  # pylint: disable=import-outside-toplevel
   from ddm_jax import trace_cache  # pylint: disable=import-outside-toplevel
   trace_cache.configure(None)
