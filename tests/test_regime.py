@@ -169,6 +169,28 @@ def test_dev_then_test_resume_and_summary(tmp_path):
   assert glob.glob(str(tmp_path / 'pub' / 'regime_unit_fd_vs_quality_*.png'))
 
 
+def test_a_changed_setting_does_not_reuse_trained_models(tmp_path):
+  """Runs are named by cell and method only: a model trained under other settings (here
+  the fine-tune length) is refused, not silently reused, also from an older marker that
+  holds no config (then the workdir's config.json tells)."""
+  one_cell = dict(pairs=('0/1',), ratios=('4:1',), dev_seeds=(), test_seeds=(1,), lr=1e-4,
+                  methods=('plain',))
+  _runner(tmp_path, Fakes(), **one_cell).run()
+  marker = tmp_path / 'runs' / '0-1_r4-1_s1' / 'plain' / 'TRAINED'
+  recorded = json.loads(marker.read_text())
+  assert recorded['config']['train']['num_steps'] == 5
+  assert _runner(tmp_path, Fakes(), **one_cell).run() == 1e-4       # same settings: reused
+  for older in (False, True):
+    if older:   # the marker format before it recorded the config
+      marker.write_text(json.dumps({'seconds': recorded['seconds']}))
+      (marker.parent / 'config.json').write_text(json.dumps(recorded['config']))
+    fakes = Fakes()
+    with pytest.raises(ConfigError, match=r'0-1_r4-1_s1/plain holds a model trained under '
+                       r'another config \(train.num_steps 5 -> 6\)'):
+      _runner(tmp_path, fakes, **one_cell, finetune_steps=6).run()
+    assert fakes.trained == [] and fakes.evaluated == []
+
+
 def _check_published(path):
   with open(path, encoding='utf-8') as f:
     published = json.load(f)

@@ -6,9 +6,11 @@ import os
 import shutil
 import time
 
+from ddm_jax.errors import ConfigError
 from ddm_jax.evaluation.context import EvalContext, true_group_data_cfg
 from ddm_jax.evaluation.report import evaluate_loaded
 from ddm_jax.files import write_text
+from ddm_jax.training.checkpoint import config_to_json
 from ddm_jax.training.setup import load_trained
 
 
@@ -55,18 +57,57 @@ class Evaluations:
                            with_indicator=with_indicator)
 
 
+# Not what a model is: where its inputs were found (a sweep folder whose runs/ links to
+# another's names the same base by another path) and what the run wrote on the side.
+_NOT_THE_MODEL = ('data.data_dir', 'train.init_from', 'train.checkpoint_every',
+                  'train.keep_checkpoints', 'train.log_every', 'train.num_sample_images',
+                  'train.sample_every')
+
+
+def _identity(config):
+  """`config` as flat {dotted key: value}, without _NOT_THE_MODEL."""
+  flat = {}
+  for section, values in config_to_json(config).items():
+    for key, value in (values.items() if isinstance(values, dict) else [('', values)]):
+      flat[f'{section}.{key}'.rstrip('.')] = value
+  return {k: v for k, v in flat.items() if k not in _NOT_THE_MODEL}
+
+
+def _check_same_model(config, workdir, recorded):
+  """ConfigError unless the model finished in `workdir` was trained under `config`
+  (`recorded`: the config its marker holds; older markers hold none, then the workdir's
+  config.json, if any, is compared). A folder's runs are named by cell and method, not
+  by every setting: another lr or step count must not silently reuse them."""
+  if recorded is None:
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(path):
+      return
+    with open(path, encoding='utf-8') as f:
+      recorded = json.load(f)
+  saved, wanted = _identity(recorded), _identity(config)
+  differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+  if differ:
+    shown = ', '.join(f'{k} {saved.get(k)!r} -> {wanted.get(k)!r}' for k in differ[:3])
+    raise ConfigError(f'{workdir} holds a model trained under another config ({shown}'
+                      f'{", ..." if len(differ) > 3 else ""}): give the sweep another --out '
+                      'or remove that folder')
+
+
 def train_once(train_fn, config, workdir):
   """Runs `train_fn(config, workdir)` unless `workdir` holds the TRAINED marker a finished
-  run leaves (a killed run resumes from its checkpoint); -> (seconds it took, trained now)."""
+  run leaves (a killed run resumes from its checkpoint) for the same config; -> (seconds
+  it took, trained now)."""
   marker = os.path.join(workdir, 'TRAINED')
   if os.path.exists(marker):
     with open(marker, encoding='utf-8') as f:
-      return json.load(f).get('seconds'), False
+      done = json.load(f)
+    _check_same_model(config, workdir, done.get('config'))
+    return done.get('seconds'), False
   t0 = time.time()
   train_fn(config, workdir)
   seconds = time.time() - t0
   os.makedirs(workdir, exist_ok=True)
-  write_text(marker, json.dumps({'seconds': seconds}))
+  write_text(marker, json.dumps({'seconds': seconds, 'config': config_to_json(config)}))
   return seconds, True
 
 
