@@ -169,6 +169,18 @@ def test_dev_then_test_resume_and_summary(tmp_path):
   assert glob.glob(str(tmp_path / 'pub' / 'regime_unit_fd_vs_quality_*.png'))
 
 
+def test_a_wider_lr_grid_tries_the_new_lr_on_the_recorded_dev_cell(tmp_path):
+  _runner(tmp_path, Fakes(), pairs=('0/1',), ratios=('4:1',), test_seeds=(), methods=('plain',)).run()
+  fakes = Fakes()
+  # another cell this time: the lr rule still runs on the folder's dev cell, 0/1 4:1 seed 0
+  runner = _runner(tmp_path, fakes, pairs=('7/8',), ratios=('4:1',), test_seeds=(),
+                   methods=('plain',), lrs=(1e-4, 1e-3, 3e-3))
+  assert runner.learning_rate() == 1e-4              # fakes: every lr fits alike, the lowest
+  assert fakes.trained == [os.path.relpath(tmp_path / 'lr_select' / 'lr0.003' / 'runs' /
+                                           '0-1_r4-1_s0' / 'plain')]
+  assert sorted(r['lr'] for r in runner.results.rows if r['method'] == 'lr') == [1e-4, 1e-3, 3e-3]
+
+
 def test_a_changed_setting_does_not_reuse_trained_models(tmp_path):
   """Runs are named by cell and method only: a model trained under other settings (here
   the fine-tune length) is refused, not silently reused, also from an older marker that

@@ -102,16 +102,20 @@ class Runner:
   def learning_rate(self):
     """plan.lr, or the lr in plan.lrs whose plain fine-tune on the dev cell (first pair
     and ratio, first dev seed) fits its own training data best: the lowest FCD against
-    its training split (all samples; the same n for every lr). Once chosen, the recorded
-    rows decide it for every later invocation on the same folder."""
+    its training split (all samples; the same n for every lr). The folder's recorded rows
+    keep that cell for every later invocation (which may name other cells); an lr of
+    plan.lrs they lack is tried there and the rule applied again."""
     p = self.plan
     if p.lr:
       return p.lr
-    if any(r.get('method') == 'lr' for r in self.results.rows):
-      return select_lr(self.results.rows)  # chosen before (a rerun, or more cells added)
-    pair, ratio = P.cells(p)[0]
-    seed = p.dev_seeds[0]
+    tried = [r for r in self.results.rows if r.get('method') == 'lr']
+    if tried:
+      pair, ratio, seed = tried[0]['pair'], tried[0]['ratio'], tried[0]['seed']
+    else:
+      (pair, ratio), seed = P.cells(p)[0], p.dev_seeds[0]
     for lr in p.lrs:
+      if any(r['lr'] == lr for r in tried):
+        continue
       workdir, seconds = self.model(pair, ratio, seed, 'plain', lr, root=self._lr_root(lr))
       self.evaluate(P.eval_id('lr', pair, ratio, seed, scale=None) + f'/lr{lr:g}', workdir,
                     seconds, seed, split='dev', method='lr', pair=pair, ratio=ratio, lr=lr, alpha=0.0)
