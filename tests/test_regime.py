@@ -167,6 +167,10 @@ def test_dev_then_test_resume_and_summary(tmp_path):
   assert 'Every method at its selected scale' in md and '0/1/2' in md
   _check_published(str(tmp_path / 'pub' / 'regime_unit.json'))
   assert glob.glob(str(tmp_path / 'pub' / 'regime_unit_fd_vs_quality_*.png'))
+  assert 'Every model: a full fine-tune of it, 5 steps' in md
+  lora = _runner(tmp_path, Fakes(), lora_targets=('to_q', 'to_v'), methods=('plain', 'ddm'))
+  _, md = R.write_summary(lora, 'unit', 1.0, lr)
+  assert 'Every model: LoRA (rank 8, alpha 32 on to_q, to_v) on it, 5 steps' in md
 
 
 def test_a_wider_lr_grid_tries_the_new_lr_on_the_recorded_dev_cell(tmp_path):

@@ -122,10 +122,13 @@ def method_rows(summary, plan, chosen, split='test'):
 
 def summary_markdown(summary, plan, meta, chosen):
   test_seeds = ', '.join(map(str, plan.test_seeds))
+  tune = (f"LoRA (rank {plan.lora_rank}, alpha {plan.lora_alpha:g} on "
+          f"{', '.join(plan.lora_targets)}) on it" if plan.lora_targets
+          else 'a full fine-tune of it')
   lines = ['# DDM in the paper\'s regime: fine-tuning a pretrained base on biased digits', '',
            f"Run `{meta['name']}`; {meta['machine']}. Base: the UNet of configs/digits.py "
-           f"pretrained on all ten digits (balanced, {plan.base_steps} steps). Every model: a "
-           f"full fine-tune of it, {plan.finetune_steps} steps at batch 64, constant lr "
+           f"pretrained on all ten digits (balanced, {plan.base_steps} steps). Every model: "
+           f"{tune}, {plan.finetune_steps} steps at batch 64, constant lr "
            f"{meta['lr']:g} ({meta['lr_rule']}). Evaluation: {plan.num_samples} samples per "
            f'model and seed ({plan.dev_num_samples} for the dev seeds\' scale sweep; DDIM {plan.sample_steps} steps, eta {plan.eta:g}), classified by a CNN '
            'trained on real images disjoint from every generator\'s training images. Dev seeds '
