@@ -27,10 +27,11 @@ TOL = 1e-4
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A tiny SD DDM with random LoRA (UNet + text encoder) and indicator, checkpointed in a
-  workdir and exported with the CLI."""
+  """A tiny SD DDM with random LoRA (UNet attention and resnet convolutions, text encoder)
+  and indicator, checkpointed in a workdir and exported with the CLI."""
   root = tmp_path_factory.mktemp('export')
-  config, ddm, params = tiny_ddm(root, seed=3, **{'indicator.hidden': '(1024, 512)'})
+  config, ddm, params = tiny_ddm(root, seed=3, **{'indicator.hidden': '(1024, 512)',
+                                                  'lora.unet_targets': "('to_q', 'to_v', 'conv1')"})
   workdir = write_workdir(root / 'work', config, params, step=7)
   out = root / 'exported'
   proc = subprocess.run([sys.executable, os.path.join(REPO, 'export.py'), f'--workdir={workdir}',
@@ -64,7 +65,7 @@ def test_files_and_configs(trained):
       'unet_lora/adapter_config.json', 'unet_lora/adapter_model.safetensors'])
   cfg = json.loads((out / 'unet_lora' / 'adapter_config.json').read_text())
   assert (cfg['peft_type'], cfg['r'], cfg['lora_alpha'], cfg['target_modules'], cfg['lora_dropout']) \
-      == ('LORA', 8, 32, ['to_q', 'to_v'], 0.0)
+      == ('LORA', 8, 32, ['conv1', 'to_q', 'to_v'], 0.0)
   cfg = json.loads((out / 'text_encoder_lora' / 'adapter_config.json').read_text())
   assert (cfg['r'], cfg['lora_alpha'], cfg['target_modules']) == (8, 32, ['q_proj', 'v_proj'])
   state = load_file(str(out / 'unet_lora' / 'adapter_model.safetensors'))
@@ -72,6 +73,12 @@ def test_files_and_configs(trained):
   a = params['unet_lora']['down_blocks_0.attentions_0.transformer_blocks_0.attn1.to_q']
   np.testing.assert_array_equal(state[key + '.lora_A.weight'], np.asarray(a['lora_A']).T)
   np.testing.assert_array_equal(state[key + '.lora_B.weight'], np.asarray(a['lora_B']).T)
+  key = 'base_model.model.down_blocks.0.resnets.0.conv1'   # torch's Conv2d layout
+  a = params['unet_lora']['down_blocks_0.resnets_0.conv1']
+  np.testing.assert_array_equal(state[key + '.lora_A.weight'],
+                                np.asarray(a['lora_A']).transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(state[key + '.lora_B.weight'],
+                                np.asarray(a['lora_B']).T[:, :, None, None])
   assert len(state) == 2 * len(params['unet_lora'])
   meta = json.loads((out / 'export.json').read_text())
   assert meta['checkpoint_step'] == 7 and meta['ema'] is True

@@ -73,7 +73,7 @@ def test_targets_follow_peft_names(ddm):
                         for n in ('q_proj', 'v_proj')]
   a = params['unet_lora'][unet_paths[0]]
   assert a['lora_A'].shape[1] == a['lora_B'].shape[0] == 8 and not np.any(np.asarray(a['lora_B']))
-  with pytest.raises(ValueError, match='no Dense layer named'):
+  with pytest.raises(ValueError, match='no Dense or Conv layer named'):
     lora_lib.init_lora(jax.random.key(0), ddm.frozen()['unet'], ('to_nowhere',), 4)
 
 
@@ -108,6 +108,31 @@ def test_merge_equals_unmerged(ddm):
           + 4.0 * np.asarray(ab['lora_A']) @ np.asarray(ab['lora_B']))  # alpha / r = 32 / 8
   np.testing.assert_allclose(np.asarray(flatten_dict(merged_frozen['unet'])[key]), want,
                              rtol=1e-6, atol=1e-6)
+
+
+def test_convolution_adapters(folder):
+  """LoRA on convolutions (peft's Conv2d form: A the layer's own window into r channels,
+  B 1x1): a fresh adapter is the base model, merging equals the unmerged branch,
+  including strided and shortcut convolutions."""
+  conv = load_latent_ddm(sd_config(folder, **{
+      'indicator.hidden': '(16,)', 'lora.unet_targets': "('to_q', 'conv1', 'conv_shortcut', 'conv')"}))
+  params = conv.init(jax.random.key(3))
+  shapes = {p.rsplit('.', 1)[1]: params['unet_lora'][p]['lora_A'].shape for p in params['unet_lora']}
+  assert shapes['conv1'][:2] == (3, 3) and shapes['conv1'][-1] == 8
+  assert shapes['conv_shortcut'][:2] == (1, 1) and len(shapes['to_q']) == 2
+  assert any('downsamplers' in p for p in params['unet_lora'])   # a stride-2 convolution
+  frozen = conv.frozen()
+  ids, x, t = inputs(conv)
+  run = jax.jit(lambda p, f, ids, x, t: conv.model_fn(p, f, x, t, input_ids=ids))
+  base = np.asarray(run({'indicator': params['indicator']}, frozen, ids, x, t))
+  # B = 0 adds exact zeros; XLA may still fuse the base convolutions differently (~1e-6)
+  np.testing.assert_allclose(np.asarray(run(params, frozen, ids, x, t)), base, atol=1e-5)
+  params = perturbed(params, 6)
+  unmerged = np.asarray(run(params, frozen, ids, x, t))
+  merged = np.asarray(run(*inference_params(conv, params, frozen), ids, x, t))
+  scale = np.abs(unmerged).max()
+  assert np.abs(unmerged - base).max() / scale > 1e-2
+  assert np.abs(merged - unmerged).max() / scale < 1e-5
 
 
 def test_training_moves_only_lora_and_indicator(folder):

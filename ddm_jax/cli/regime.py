@@ -35,7 +35,8 @@ def parse_args(argv):
   p.add_argument('--ratios', type=_list(str), default=None, help="e.g. '4:1,9:1' or '4:1:1'")
   p.add_argument('--methods', type=_list(str), default=None)
   p.add_argument('--lora_targets', type=_list(str), default=None,
-                 help='LoRA fine-tunes on these Dense layers (e.g. to_q,to_v) instead of full ones')
+                 help='LoRA fine-tunes on the Dense or Conv layers so named (e.g. to_q,to_v or '
+                 'to_q,to_v,conv1,conv2) instead of full ones')
   p.add_argument('--lora_rank', type=int, default=None)
   p.add_argument('--lora_alpha', type=float, default=None)
   for name in ('alphas', 'guided_alphas', 'scales', 'lrs'):

@@ -45,12 +45,16 @@ def module_path(flax_path: str) -> str:
 
 
 def lora_state_dict(lora, prefix: str = PEFT_PREFIX) -> Dict[str, np.ndarray]:
-  """{flax path: {'lora_A': [in, r], 'lora_B': [r, out]}} -> peft tensors (float32)."""
+  """{flax path: {'lora_A': [in, r] or [kh, kw, in, r], 'lora_B': [r, out]}} -> peft
+  tensors (float32): [r, in] and [out, r], or for a convolution torch's Conv2d layout,
+  [r, in, kh, kw] and the 1x1 [out, r, 1, 1]."""
   out = {}
   for path, ab in sorted(lora.items()):
     name = prefix + module_path(path)
-    out[f'{name}.lora_A.weight'] = np.ascontiguousarray(np.asarray(ab['lora_A'], np.float32).T)
-    out[f'{name}.lora_B.weight'] = np.ascontiguousarray(np.asarray(ab['lora_B'], np.float32).T)
+    a, b = np.asarray(ab['lora_A'], np.float32), np.asarray(ab['lora_B'], np.float32)
+    a, b = (a.transpose(3, 2, 0, 1), b.T[:, :, None, None]) if a.ndim == 4 else (a.T, b.T)
+    out[f'{name}.lora_A.weight'] = np.ascontiguousarray(a)
+    out[f'{name}.lora_B.weight'] = np.ascontiguousarray(b)
   return out
 
 
