@@ -187,7 +187,7 @@ KILL_MODES = ('write', 'commit', 'startup', 'random', 'write', 'commit', 'write'
 def _kill_at_random_moment(r, mode, workdir, rng, startup_s):
   """SIGKILL `r` at a random moment of kind `mode`:
     startup: before its first training step (imports, compile, restore), uniform in the
-             startup time the previous run took;
+             startup time the previous run took, or at its first logged step if sooner;
     random:  after 1..2*EVERY steps of this run plus up to 0.3 s (in a step, a log write, or
              an async checkpoint write);
     commit:  up to 0.5 s after this run committed a checkpoint (orbax finalizing, deleting
@@ -209,8 +209,9 @@ def _kill_at_random_moment(r, mode, workdir, rng, startup_s):
       time.sleep(0.002)
 
   new_commit = lambda: bool(set(committed(workdir)) - set(ckpts0))
-  if mode == 'startup':
-    wait_for(lambda: False, rng.uniform(0.1, startup_s))
+  if mode == 'startup':   # at the latest when this run logs its first step: a warm start
+    # can be much shorter than the previous run's, which then trained to the end unkilled
+    wait_for(lambda: bool(first_step), rng.uniform(0.1, startup_s))
   elif mode == 'random':
     wait_for(lambda: metric_rows(workdir) >= rows0 + rng.randint(1, 2 * EVERY))
     wait_for(lambda: False, rng.uniform(0.0, 0.3))
