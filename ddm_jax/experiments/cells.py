@@ -6,6 +6,8 @@ import os
 import shutil
 import time
 
+import flax
+
 from ddm_jax.errors import ConfigError
 from ddm_jax.evaluation.context import EvalContext, true_group_data_cfg
 from ddm_jax.evaluation.report import evaluate_loaded
@@ -66,10 +68,7 @@ _NOT_THE_MODEL = ('data.data_dir', 'train.init_from', 'train.checkpoint_every',
 
 def _identity(config):
   """`config` as flat {dotted key: value}, without _NOT_THE_MODEL."""
-  flat = {}
-  for section, values in config_to_json(config).items():
-    for key, value in (values.items() if isinstance(values, dict) else [('', values)]):
-      flat[f'{section}.{key}'.rstrip('.')] = value
+  flat = flax.traverse_util.flatten_dict(config_to_json(config), sep='.')
   return {k: v for k, v in flat.items() if k not in _NOT_THE_MODEL}
 
 
