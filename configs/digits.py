@@ -48,6 +48,7 @@ def get_config():
   c.indicator.hidden = (1024, 512)
   c.indicator.input = 'eps'              # 'eps': the UNet's predicted noise (DDM); 'x_t': the
                                          # noisy input and t (a noise-aware classifier)
+  c.indicator.init = 'torch'             # 'torch': nn.Linear's default, as the reference; 'flax'
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = 'linear'
@@ -69,7 +70,7 @@ def get_config():
   c.optim.b2 = 0.999
   c.optim.weight_decay = 1e-2
   c.optim.eps = 1e-8
-  c.optim.clip = 'norm'                  # value (the reference) | norm | none
+  c.optim.clip = 'norm'                  # reference (value, per micro-step) | value | norm | none
   c.optim.clip_value = 1.0
   c.optim.grad_accum = 1
 

@@ -5,10 +5,12 @@ python train.py --config=configs/sd15_lora.py --workdir=runs/sd \
   --config.data.image_dir=IMAGES --config.data.labels_file=labels.json --config.data.prompts_file=prompts.txt
 
 Resolution 32 (4x4 latents), batch 1, gradient accumulation 4, 4000 steps, lr 1e-5
-constant, AdamW (0.9, 0.999, wd 1e-2, eps 1e-8), clip by value 1.0, w_rec 0.95,
+constant, AdamW (0.9, 0.999, wd 1e-2, eps 1e-8), clip by value 1.0 on the running
+accumulated gradient after every micro-step (optim.clip 'reference'), w_rec 0.95,
 w_ind 0.05, UNet LoRA r 8 alpha 32 on to_q/to_v, text-encoder LoRA r 8 alpha 32 on
-q_proj/v_proj; the noise schedule comes from the folder's scheduler config (SD 1.5:
-DDPM scaled_linear 0.00085 -> 0.012, 1000 steps, epsilon).
+q_proj/v_proj, the indicator initialised as PyTorch's nn.Linear; the noise schedule
+comes from the folder's scheduler config (SD 1.5: DDPM scaled_linear 0.00085 -> 0.012,
+1000 steps, epsilon).
 """
 import ml_collections
 
@@ -55,7 +57,7 @@ def get_config():
   c.optim.lr = 1e-5
   c.optim.schedule = 'constant'
   c.optim.warmup_steps = 0
-  c.optim.clip = 'value'
+  c.optim.clip = 'reference'            # by value on the running sum, after every micro-step
   c.optim.clip_value = 1.0
   c.optim.grad_accum = 4
   c.optim.weight_decay = 1e-2

@@ -111,9 +111,12 @@ _OPTIONAL_TYPES = {
     'model.flip_sin_to_cos': bool, 'model.freq_shift': int, 'train.skip_nonfinite': bool,
     'data.skip_bad': bool, 'latent_factor': int,
     'train.init_from': str, 'train.trainable': str, 'indicator.input': str,
+    'indicator.init': str,
 }
 TRAINABLE = ('all', 'indicator', 'lora')   # train.trainable: what the optimizer updates
 INDICATOR_INPUTS = ('eps', 'x_t')    # indicator.input: predicted noise, or (x_t, t)
+INDICATOR_INITS = ('torch', 'flax')  # indicator.init: nn.Linear's default (the reference), Dense's
+CLIPS = ('reference', 'value', 'norm', 'none')   # optim.clip
 _SECTIONS = ('train', 'optim', 'loss', 'model', 'data', 'diffusion', 'sample')
 _DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -189,8 +192,7 @@ def validate(config):
   _require(o.lr > 0, 'optim.lr', f'must be positive, got {o.lr}')
   _require(o.schedule in ('constant', 'warmup', 'cosine'), 'optim.schedule',
            f'must be constant, warmup or cosine, got {o.schedule!r}')
-  _require(o.clip in ('value', 'norm', 'none'), 'optim.clip',
-           f'must be value, norm or none, got {o.clip!r}')
+  _require(o.clip in CLIPS, 'optim.clip', f'must be one of {CLIPS}, got {o.clip!r}')
   _require(o.grad_accum >= 1, 'optim.grad_accum', f'must be >= 1, got {o.grad_accum}')
   _require(o.warmup_steps >= 0, 'optim.warmup_steps', f'must be >= 0, got {o.warmup_steps}')
   for key in ('b1', 'b2'):
@@ -234,6 +236,8 @@ def validate(config):
              'indicator.hidden', f'must be a tuple of positive integers, got {hidden!r}')
     _require(config.indicator.get('input', 'eps') in INDICATOR_INPUTS, 'indicator.input',
              f"must be one of {INDICATOR_INPUTS}, got {config.indicator.get('input')!r}")
+    _require(config.indicator.get('init', 'torch') in INDICATOR_INITS, 'indicator.init',
+             f"must be one of {INDICATOR_INITS}, got {config.indicator.get('init')!r}")
   trainable = t.get('trainable', 'all')
   _require(trainable in TRAINABLE, 'train.trainable',
            f'must be one of {TRAINABLE}, got {trainable!r}')

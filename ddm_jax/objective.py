@@ -41,16 +41,35 @@ def ddm_loss(model_fn, indicator_fn, params, x0, labels, rng, sched, w_rec, w_in
   t = jax.random.randint(k_t, (x0.shape[0],), 0, sched.num_train_timesteps)
   noise = jax.random.normal(k_n, x0.shape, jnp.float32)
   x_t = add_noise(sched, x0, noise, t)
+  target = training_target(sched, x0, noise, t)
+
+  def terms(out):
+    """(loss_rec, loss_ind, logits) of the network output `out`."""
+    sq = (out - target) ** 2
+    if group_weights is not None and len(group_weights):
+      mse = jnp.mean(sq.reshape(sq.shape[0], -1), axis=-1)
+      loss_rec = jnp.mean(jnp.asarray(group_weights, jnp.float32)[labels] * mse)
+    else:
+      loss_rec = jnp.mean(sq)
+    logits = indicator_fn(params, predicted_noise(sched, out, x_t, t), x_t, t)
+    loss_ind = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    return loss_rec, loss_ind, logits
+
   out = model_fn(params, x_t, t)
-  sq = (out - training_target(sched, x0, noise, t)) ** 2
-  if group_weights is not None and len(group_weights):
-    mse = jnp.mean(sq.reshape(sq.shape[0], -1), axis=-1)
-    w = jnp.asarray(group_weights, jnp.float32)[labels]
-    loss_rec = jnp.mean(w * mse)
-  else:
-    loss_rec = jnp.mean(sq)
-  logits = indicator_fn(params, predicted_noise(sched, out, x_t, t), x_t, t)
-  loss_ind = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  loss_rec, loss_ind, logits = terms(out)
   loss = w_rec * loss_rec + w_ind * loss_ind
   acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-  return loss, {'loss': loss, 'loss_rec': loss_rec, 'loss_ind': loss_ind, 'indicator_acc': acc}
+  return loss, {'loss': loss, 'loss_rec': loss_rec, 'loss_ind': loss_ind, 'indicator_acc': acc,
+                'ind_grad_ratio': indicator_pull(terms, out, w_rec, w_ind)}
+
+
+def indicator_pull(terms, out, w_rec, w_ind):
+  """|d(w_ind CE)/d out| / |d(w_rec MSE)/d out|: how hard the indicator term pulls on the
+  network output (the predicted noise, where the CE gradient enters the UNet) relative to
+  the denoising term; what alpha means for a given indicator. 0 without a denoising term.
+  A metric only: it reads a stopped copy of `out`, so no parameter gradient changes."""
+  out = jax.lax.stop_gradient(out)
+  g_rec = jax.grad(lambda o: w_rec * terms(o)[0])(out)
+  g_ind = jax.grad(lambda o: w_ind * terms(o)[1])(out)
+  den = jnp.sqrt(jnp.sum(g_rec ** 2))
+  return jnp.where(den > 0, jnp.sqrt(jnp.sum(g_ind ** 2)) / jnp.where(den > 0, den, 1.0), 0.0)

@@ -16,7 +16,7 @@ from ddm_jax.ddm.protocol import DDM
 from ddm_jax.diffusion.samplers import scheduler_kwargs
 from ddm_jax.diffusion.schedules import schedule_from_scheduler_config
 from ddm_jax.models import lora as lora_lib
-from ddm_jax.models.indicator import Indicator
+from ddm_jax.models.indicator import indicator_from_config
 from ddm_jax.models.vae import sample_latent
 
 
@@ -36,8 +36,7 @@ class LatentDDM(DDM):
     r = config.data.resolution // factor
     self.sample_shape = (r, r, self.unet.in_channels)
     self.eps_shape = (r, r, self.unet.out_channels)
-    self.indicator = Indicator(config.data.num_groups, tuple(config.indicator.hidden),
-                               input=config.indicator.get('input', 'eps'))
+    self.indicator = indicator_from_config(config)
     self.unet_scale = lc.unet_alpha / lc.unet_rank
     self.text_scale = lc.text_alpha / lc.text_rank
     self.prompt = config.data.get('prompt', 'A human face')

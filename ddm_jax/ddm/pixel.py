@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from ddm_jax.ddm.protocol import DDM
 from ddm_jax.diffusion.schedules import schedule_from_config
 from ddm_jax.models import lora as lora_lib
-from ddm_jax.models.indicator import Indicator
+from ddm_jax.models.indicator import indicator_from_config
 from ddm_jax.models.unet import unet_from_config
 
 
@@ -18,8 +18,7 @@ class PixelDDM(DDM):
     self.config = config
     self.unet = unet_from_config(config.model)
     self.num_class_embeds = self.unet.num_class_embeds or 0
-    self.indicator = Indicator(config.data.num_groups, tuple(config.indicator.hidden),
-                               input=config.indicator.get('input', 'eps'))
+    self.indicator = indicator_from_config(config)
     self.sched = schedule_from_config(config.diffusion)
     r, ch = config.data.resolution, config.model.out_channels
     self.sample_shape = (r, r, config.model.in_channels)

@@ -1,5 +1,19 @@
-"""Optax optimizer from `config.optim`: clipping, AdamW, lr schedule, accumulation."""
+"""Optax optimizer from `config.optim`: clipping, AdamW, lr schedule, accumulation.
+
+optim.clip:
+- 'reference': the official DDM loop's order. Each micro-step adds grad / k to the running
+  sum and clips that *sum* by value (`(loss / k).backward()` then `clip_grad_value_` on
+  `.grad`); every k-th micro-step AdamW takes the sum and the sum is zeroed. Without
+  accumulation (k = 1) it is 'value'.
+- 'value': clip the (averaged) gradient by value once per update, before AdamW.
+- 'norm': clip by global norm once per update; 'none'.
+Once the clip bites, 'reference' and 'value' differ under accumulation (the sum of clipped
+partial sums is not the clipped mean).
+"""
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -37,6 +51,44 @@ def trainable_labels(params, trainable='all'):
           for k, v in params.items()}
 
 
+class ClippedSumState(NamedTuple):
+  mini_step: jnp.ndarray       # micro-steps accumulated since the last update
+  gradient_step: jnp.ndarray   # updates applied so far
+  acc_grads: Any               # the running, clipped sum
+  inner_state: Any
+
+
+class ClippedSumAccumulation:
+  """Gradient accumulation as the reference does it: acc = clip(acc + g / k, +-clip_value)
+  after every micro-step; `inner` (AdamW) is applied to acc every k-th micro-step, the
+  others return zero updates. Has optax.MultiSteps' `has_updated` and `gradient_step`, so
+  the EMA follows real updates under either accumulation."""
+
+  def __init__(self, inner, every_k, clip_value):
+    self.inner, self.k, self.clip_value = inner, int(every_k), float(clip_value)
+
+  def init(self, params):
+    return ClippedSumState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                           jax.tree_util.tree_map(jnp.zeros_like, params), self.inner.init(params))
+
+  def update(self, grads, state, params=None):
+    c, k = self.clip_value, self.k
+    acc = jax.tree_util.tree_map(lambda a, g: jnp.clip(a + g / k, -c, c), state.acc_grads, grads)
+
+    def apply(_):
+      updates, inner = self.inner.update(acc, state.inner_state, params)
+      return updates, ClippedSumState(jnp.zeros((), jnp.int32), state.gradient_step + 1,
+                                      jax.tree_util.tree_map(jnp.zeros_like, acc), inner)
+
+    def hold(_):
+      return (jax.tree_util.tree_map(jnp.zeros_like, acc),
+              state._replace(mini_step=state.mini_step + 1, acc_grads=acc))
+    return jax.lax.cond(state.mini_step == k - 1, apply, hold, None)
+
+  def has_updated(self, state):
+    return (state.mini_step == 0) & (state.gradient_step > 0)
+
+
 def make_optimizer(optim_cfg, num_steps, trainable='all', lr=None):
   """`num_steps` counts micro-batches; with grad_accum = k the schedule sees
   num_steps // k updates, and optax.MultiSteps applies one every k steps.
@@ -46,7 +98,9 @@ def make_optimizer(optim_cfg, num_steps, trainable='all', lr=None):
   were). `lr` overrides optim.lr (a traced value in the train step: the optimizer state's
   structure does not depend on it)."""
   k = optim_cfg.grad_accum
-  clip = {'value': lambda: [optax.clip(optim_cfg.clip_value)],   # the reference's clip_grad_value_
+  per_micro_step = optim_cfg.clip == 'reference' and k > 1   # the clip lives in the accumulation
+  clip = {'reference': lambda: [] if per_micro_step else [optax.clip(optim_cfg.clip_value)],
+          'value': lambda: [optax.clip(optim_cfg.clip_value)],   # clip_grad_value_, once
           'norm': lambda: [optax.clip_by_global_norm(optim_cfg.clip_value)],
           'none': lambda: []}[optim_cfg.clip]()
   tx = optax.chain(*clip, optax.adamw(lr_schedule(optim_cfg, max(num_steps // k, 1), lr),
@@ -55,4 +109,6 @@ def make_optimizer(optim_cfg, num_steps, trainable='all', lr=None):
   if trainable != 'all':
     tx = optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()},
                                lambda params: trainable_labels(params, trainable))
+  if per_micro_step:
+    return ClippedSumAccumulation(tx, k, optim_cfg.clip_value)
   return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx

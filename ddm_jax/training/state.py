@@ -4,7 +4,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import optax
 
 
 @flax.struct.dataclass
@@ -42,10 +41,11 @@ def ema_update(ema, params, decay, step):
 
 def ema_after_update(tx, opt_state, ema, params, decay, step):
   """`ema` after the micro-step that left `opt_state`: under gradient accumulation
-  (`optax.MultiSteps`) the params change once every k micro-steps, and so does the
-  EMA, with its warm-up counting those updates; otherwise once per `step`. Updating
-  it on every micro-step would make its decay per real update decay^k."""
-  if not isinstance(tx, optax.MultiSteps):
+  (`optax.MultiSteps`, optim.ClippedSumAccumulation) the params change once every k
+  micro-steps, and so does the EMA, with its warm-up counting those updates; otherwise
+  once per `step`. Updating it on every micro-step would make its decay per real update
+  decay^k."""
+  if not hasattr(tx, 'has_updated'):
     return ema_update(ema, params, decay, step)
   return jax.lax.cond(tx.has_updated(opt_state),
                       lambda e: ema_update(e, params, decay, opt_state.gradient_step - 1),

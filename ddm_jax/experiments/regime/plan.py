@@ -203,6 +203,8 @@ def finetune_config(base, pair, ratio, seed, lr, steps, model, base_workdir, pla
   c.train.init_from = base_workdir
   c.optim.schedule = 'constant'
   c.optim.lr = float(lr)
+  c.optim.clip, c.optim.clip_value = 'reference', 1.0   # the reference's clip_grad_value_(1.0)
+  c.indicator.init = 'torch'           # the reference's nn.Linear init
   c.loss.w_ind, c.loss.w_rec = float(alpha), 1.0 - float(alpha)
   if model == 'reweight':
     c.loss.group_weights = inverse_frequency(shares)
