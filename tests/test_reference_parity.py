@@ -36,7 +36,6 @@ from ddm_jax.config import apply_overrides  # noqa: E402
 from ddm_jax.ddm import PixelDDM, load_latent_ddm  # noqa: E402
 from ddm_jax.interop.diffusers import params_to_state_dict  # noqa: E402
 from ddm_jax.interop.export import PEFT_PREFIX, indicator_state_dict, lora_state_dict  # noqa: E402
-from ddm_jax.models.indicator import Indicator  # noqa: E402
 from ddm_jax.training.optim import make_optimizer  # noqa: E402
 from ddm_jax.training.state import create_train_state  # noqa: E402
 from ddm_jax.training.step import hyperparameters, make_train_step  # noqa: E402
@@ -332,18 +331,19 @@ def test_pixel_full_finetune_update_matches_the_official_loop(pixel, name, lr, s
 
 # ------------------------------------------------------------------ the indicator's init
 
-@pytest.mark.parametrize('hidden, fan_in', [((1024, 512), 256), ((32,), 64)])
-def test_indicator_init_is_torch_linear_default(hidden, fan_in):
-  """Every layer's weight and bias ~ U(+-1/sqrt(fan_in)), as nn.Linear draws them: the
-  same bound and moments as torch's own draw of the same layer (Flax's lecun-normal,
-  zero-bias default has a sqrt(3) larger weight std and zero biases)."""
-  params = Indicator(2, hidden).init(jax.random.key(0), jnp.zeros((1, fan_in)))['params']
-  sizes = [fan_in, *hidden, 2]
+@pytest.mark.parametrize('model', ['sd', 'pixel'])
+def test_indicator_init_is_torch_linear_default(model, request):
+  """The indicator each config builds (the SD LoRA run's (1024, 512) MLP on 8x8x4 latents,
+  the pixel regime's): every layer's weight and bias ~ U(+-1/sqrt(fan_in)), with the bound
+  and moments of torch's own nn.Linear draw of the same layer. Flax's lecun-normal,
+  zero-bias default has a sqrt(3) larger weight std and zero biases."""
+  ddm = request.getfixturevalue(model)[-3]
+  params = jax.device_get(ddm.init_indicator(jax.random.key(3)))
+  sizes = [int(np.prod(ddm.eps_shape)), *ddm.config.indicator.hidden, ddm.config.data.num_groups]
   ref = ReferenceIndicator(sizes)
-  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-    bound = a ** -0.5
-    ours = params[f'layers_{i}']
-    theirs = ref.fcs[i]
+  for i, fan_in in enumerate(sizes[:-1]):
+    bound = fan_in ** -0.5
+    ours, theirs = params[f'layers_{i}'], ref.fcs[i]
     for mine, torch_ in ((ours['kernel'], theirs.weight), (ours['bias'], theirs.bias)):
       mine, torch_ = np.asarray(mine), torch_.detach().numpy()
       assert mine.shape == torch_.T.shape
@@ -353,3 +353,5 @@ def test_indicator_init_is_torch_linear_default(hidden, fan_in):
         assert mine.std() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
         assert torch_.std() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
         assert abs(mine.mean()) < 0.05 * bound
+      else:
+        assert np.abs(mine).max() > 0.2 * bound    # not Flax's zero bias
