@@ -1,6 +1,7 @@
-"""Gradient accumulation (optax.MultiSteps, k = 4): the params change once every k
-micro-steps, and so does the EMA, its warm-up counting optimizer updates; without
-accumulation the EMA follows every step as before."""
+"""Gradient accumulation (optax.MultiSteps, or the reference's clipped running sum,
+k = 4): the params change once every k micro-steps, and so does the EMA, its warm-up
+counting optimizer updates; without accumulation the EMA follows every step as before.
+The reference's clip order against a replay of it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +31,9 @@ class LinearDDM(DDM):
     return eps.reshape(eps.shape[0], -1) @ params['indicator']
 
 
-def run(k, steps):
+def run(k, steps, clip='none'):
   """(params after each step, EMA after each step) with accumulation k."""
-  config = tiny_config(**{'optim.grad_accum': k, 'optim.lr': 0.1, 'optim.clip': 'none',
+  config = tiny_config(**{'optim.grad_accum': k, 'optim.lr': 0.1, 'optim.clip': clip,
                           'train.ema_decay': DECAY})
   ddm = LinearDDM()
   tx = make_optimizer(config.optim, config.train.num_steps)
@@ -65,10 +66,10 @@ def _same(a, b):
                                                   jax.tree_util.tree_leaves(b)))
 
 
-@pytest.mark.parametrize('k', [1, 4])
-def test_ema_updates_once_per_optimizer_update(k):
+@pytest.mark.parametrize('k, clip', [(1, 'none'), (4, 'none'), (4, 'reference')])
+def test_ema_updates_once_per_optimizer_update(k, clip):
   steps = 3 * k
-  params, emas = run(k, steps)
+  params, emas = run(k, steps, clip)
   want, updates = emas[0], 0
   for i in range(1, steps + 1):
     if i % k == 0:  # an optimizer update: the params move, the EMA follows once
@@ -78,3 +79,58 @@ def test_ema_updates_once_per_optimizer_update(k):
       assert _same(params[i], params[i - 1]) and _same(emas[i], emas[i - 1]), i
     _close(emas[i], want)
   assert updates == 3
+
+
+def _optimizer(clip, k=4, clip_value=0.5):
+  cfg = tiny_config(**{'optim.grad_accum': k, 'optim.lr': 0.1, 'optim.clip': clip,
+                       'optim.clip_value': clip_value, 'optim.weight_decay': 0.01}).optim
+  return cfg, make_optimizer(cfg, 100)
+
+
+def _replay(tx, grads_seq, params):
+  state = tx.init(params)
+  out = []
+  for g in grads_seq:
+    updates, state = tx.update(g, state, params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+    out.append(params)
+  return out
+
+
+@pytest.mark.parametrize('scale', [0.1, 3.0])   # the clip idle, the clip biting
+def test_reference_clip_is_clip_value_on_the_running_sum_every_micro_step(scale):
+  """optim.clip 'reference' with k = 4: acc = clip(acc + g / 4) after every micro-step,
+  AdamW on acc every 4th, the sum zeroed; replayed here with numpy and optax.adamw."""
+  import optax  # pylint: disable=import-outside-toplevel
+  cfg, tx = _optimizer('reference')
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)}
+  grads = [{'w': jnp.asarray(scale * rng.standard_normal((3, 5)), jnp.float32)}
+           for _ in range(8)]
+  got = _replay(tx, grads, params)
+
+  adamw = optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  opt_state, p, acc, bites = adamw.init(params), params, np.zeros((3, 5), np.float32), 0
+  for i, g in enumerate(grads):
+    acc = acc + np.asarray(g['w']) / 4
+    bites += int((np.abs(acc) > cfg.clip_value).sum())
+    acc = np.clip(acc, -cfg.clip_value, cfg.clip_value)
+    if i % 4 == 3:
+      updates, opt_state = adamw.update({'w': jnp.asarray(acc)}, opt_state, p)
+      p = optax.apply_updates(p, updates)
+      acc = np.zeros_like(acc)
+    np.testing.assert_allclose(got[i]['w'], p['w'], rtol=1e-6, atol=1e-7)
+  # clipping the averaged gradient once ('value') is the same step only while nothing bites
+  once = _replay(_optimizer('value')[1], grads, params)
+  same = np.allclose(once[-1]['w'], got[-1]['w'], rtol=1e-6, atol=1e-7)
+  assert same == (bites == 0), bites
+
+
+def test_reference_clip_without_accumulation_is_clip_by_value():
+  rng = np.random.default_rng(1)
+  params = {'w': jnp.asarray(rng.standard_normal((4,)), jnp.float32)}
+  grads = [{'w': jnp.asarray(3 * rng.standard_normal((4,)), jnp.float32)} for _ in range(3)]
+  ref = _replay(_optimizer('reference', k=1)[1], grads, params)
+  val = _replay(_optimizer('value', k=1)[1], grads, params)
+  for a, b in zip(ref, val):
+    np.testing.assert_array_equal(a['w'], b['w'])

@@ -71,6 +71,15 @@ def test_loss_equals_hand_computation(toy, prediction_type, w_rec, w_ind):
   np.testing.assert_allclose(float(m['loss']), float(loss), rtol=0)
   acc = np.mean(np.argmax(logits, -1) == np.asarray(labels))
   np.testing.assert_allclose(float(m['indicator_acc']), acc)
+  # how hard each term pulls on the network output: |w_ind dCE/d out| / |w_rec dMSE/d out|
+  g_mse = 2 * (out - target) / out.size
+  p = np.exp(_log_softmax(logits))
+  d_logits = (p - np.eye(K)[np.asarray(labels)]) / B
+  g_ce = (d_logits @ np.asarray(params['indicator']['W'], np.float64).T).reshape(out.shape)
+  if prediction_type == 'v_prediction':
+    g_ce = np.sqrt(ac) * g_ce
+  want = 0.0 if w_rec == 0 else (w_ind * np.linalg.norm(g_ce)) / (w_rec * np.linalg.norm(g_mse))
+  np.testing.assert_allclose(float(m['ind_grad_ratio']), want, rtol=1e-4, atol=1e-7)
 
 
 def test_loss_depends_on_rng_only_through_the_key(toy):
