@@ -146,3 +146,13 @@ def test_plugged_evaluator_is_held_to_the_floor(digits_folder, tmp_path):
       C.EvalContext(config, C.EvalSettings(num_samples=16, evaluator=spec))
   with pytest.raises(ConfigError, match="'cnn' or 'module:factory'"):
     C.EvalSettings(evaluator='resnet').validate()
+
+
+@pytest.mark.parametrize('name', ['sd15_lora.py', 'sd15_digits.py'])
+def test_sd_configs_claim_the_reference_step(name):
+  """The configs that claim the published run use its step: clip by value 1.0 on the
+  running accumulated gradient after every micro-step, accumulation 4, nn.Linear's init."""
+  c = load_config_file(os.path.join(REPO, 'configs', name))
+  assert (c.optim.clip, c.optim.clip_value, c.optim.grad_accum) == ('reference', 1.0, 4)
+  assert c.indicator.init == 'torch' and (c.loss.w_rec, c.loss.w_ind) == (0.95, 0.05)
+  assert (c.optim.lr, c.optim.schedule, c.train.batch_size) == (1e-5, 'constant', 1)

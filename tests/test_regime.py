@@ -24,6 +24,8 @@ def test_finetune_configs():
   assert c.data.shuffle_seed == 3 and c.train.seed == 3     # subsample, order and init vary
   assert c.train.init_from == '/b' and c.optim.schedule == 'constant' and c.optim.lr == 3e-4
   assert c.loss.group_weights == pytest.approx((1 / 1.8, 1 / 0.2))
+  # the reference's shape: clip by value 1.0 (its per-micro-step order), nn.Linear's init
+  assert (c.optim.clip, c.optim.clip_value, c.indicator.init) == ('reference', 1.0, 'torch')
   assert np.dot(c.data.proportions, c.loss.group_weights) == pytest.approx(1.0)
   ph = P.finetune_config(base, '0/1', '4:1', 0, 1e-4, 10, 'classifier', '/b', plain_workdir='/p')
   assert ph.train.init_from == '/p' and ph.train.trainable == 'indicator'
