@@ -31,8 +31,10 @@ def test_short_training_lowers_the_denoising_loss(data_dir, tmp_path):
   assert int(state.step) == steps and int(state.nonfinite_count) == 0
   rows = read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in rows] == list(range(1, steps + 1))
-  for key in ('loss', 'loss_rec', 'loss_ind', 'indicator_acc', 'grad_norm', 'steps_per_sec'):
+  for key in ('loss', 'loss_rec', 'loss_ind', 'indicator_acc', 'ind_grad_ratio', 'grad_norm',
+              'steps_per_sec'):
     assert all(np.isfinite(r[key]) for r in rows), key
+  assert all(r['ind_grad_ratio'] > 0 for r in rows)   # the indicator term pulls at w_ind 0.05
   first = np.mean([r['loss_rec'] for r in rows[:10]])
   last = np.mean([r['loss_rec'] for r in rows[-10:]])
   assert last < 0.6 * first, (first, last)
