@@ -1,7 +1,7 @@
 """The pretrained base of the paper-regime experiment (ddm_jax.experiments.regime): the
 UNet of configs/digits.py trained once on all ten digits, balanced, with the plain
 denoising loss (w_ind = 0). Only its UNet is used: every fine-tune starts from it."""
-from configs import digits
+from . import digits
 
 
 def get_config():

@@ -17,7 +17,7 @@ folder: prepare_sd_digits prints the `--config.data.*` overrides to use.
 """
 import os
 
-from configs import sd15_lora
+from . import sd15_lora
 from ddm_jax.data.reference_digits import DEFAULT_OUT, DEFAULT_PROMPT
 
 DATA = os.path.expanduser(DEFAULT_OUT)  # where prepare_sd_digits writes without --out

@@ -14,7 +14,7 @@ comes from the folder's scheduler config (SD 1.5: DDPM scaled_linear 0.00085 -> 
 """
 import ml_collections
 
-from configs import digits
+from . import digits
 
 
 def get_config():

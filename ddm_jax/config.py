@@ -1,9 +1,11 @@
 """Config loading and validation: every impossible value is a ConfigError naming its key."""
 import ast
+import hashlib
 import importlib.util
 import math
 import numbers
 import os
+import sys
 
 import ml_collections
 
@@ -13,16 +15,81 @@ from ddm_jax.errors import ConfigError
 from ddm_jax.models.unet import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS
 
 
+def shipped_configs_dir():
+  """The folder of the configs that ship with the package: `ddm_jax/configs` in an
+  installed wheel (setup.cfg maps the checkout's top-level `configs/` there), the
+  checkout's `configs/` otherwise."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  for folder in (os.path.join(here, 'configs'), os.path.join(os.path.dirname(here), 'configs')):
+    if os.path.isfile(os.path.join(folder, '__init__.py')):
+      return folder
+  return None
+
+
+def shipped_configs():
+  """The names `--config` accepts besides a path: digits, digits_base, ..."""
+  folder = shipped_configs_dir()
+  return sorted(n[:-3] for n in os.listdir(folder) if n.endswith('.py') and not n.startswith('_')
+                ) if folder else []
+
+
+def config_path(name_or_path):
+  """`--config`'s value as a file: an existing path, else the shipped config so named
+  (`digits` or `digits.py`)."""
+  path = os.path.expanduser(os.fspath(name_or_path))
+  if os.path.isfile(path):
+    return path
+  stem = path[:-3] if path.endswith('.py') else path
+  if stem in shipped_configs():
+    return os.path.join(shipped_configs_dir(), stem + '.py')
+  if os.path.isdir(path):
+    raise ConfigError(f'{path} is a folder; --config takes a config file (.py) or the name of a '
+                      f'shipped config ({", ".join(shipped_configs())})')
+  raise ConfigError(f'config file not found: {path} (or name a shipped config: '
+                    f'{", ".join(shipped_configs())})')
+
+
+def _package_of(folder):
+  """A package for a config folder holding `__init__.py`, so its configs can import each
+  other relatively (`from . import digits`) whether loaded by path or installed."""
+  name = '_ddm_configs_' + hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:12]
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(folder, '__init__.py'), submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+      spec.loader.exec_module(module)
+    except BaseException:
+      del sys.modules[name]
+      raise
+  return name
+
+
 def load_config_file(path):
-  if not os.path.isfile(path):
-    raise ConfigError(f'config file not found: {path}')
-  spec = importlib.util.spec_from_file_location('_ddm_config', path)
-  module = importlib.util.module_from_spec(spec)
+  """The ConfigDict of a config file's `get_config()`; `path` may name a shipped config."""
+  path = config_path(path)
+  if not path.endswith('.py'):
+    hint = (' (a saved config.json records a run; train from the config file it came from)'
+            if path.endswith('.json') else '')
+    raise ConfigError(f'{path} is not a config file: --config takes a Python file defining '
+                      f'get_config() (ml_collections){hint}')
   try:
+    folder = os.path.dirname(os.path.abspath(path))
+    package = (_package_of(folder) if os.path.isfile(os.path.join(folder, '__init__.py'))
+               else None)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(
+        f'{package}.{stem}' if package else '_ddm_config', path)
+    module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    config = module.get_config()
   except Exception as e:
     raise ConfigError(f'cannot load config {path}: {type(e).__name__}: {e}') from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'{path}: get_config() returned {type(config).__name__}, not an '
+                      'ml_collections.ConfigDict')
+  return config
 
 
 def apply_overrides(config, overrides):

@@ -22,15 +22,18 @@ def temporary_target(name):
 @contextlib.contextmanager
 def atomic_path(path):
   """Yields a temporary name beside `path` (same extension, so numpy and PIL keep it) to
-  write to; on success it replaces `path`, on failure it is removed."""
+  write to; on success it replaces `path`, on failure it is removed (and an OSError that
+  names no file, such as a full disk's, is raised again naming `path`)."""
   root, ext = os.path.splitext(path)
   tmp = f'{root}.tmp{os.getpid()}{ext}'
   try:
     yield tmp
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.filename is None:  # a full disk fails a write() unnamed
+      raise OSError(e.errno, e.strerror or str(e), path) from e
     raise
 
 

@@ -1,13 +1,66 @@
-"""What every command line shares: the error wrapper, the `--config.KEY=VALUE` parser and
-`parse`, which every command's arguments go through: it adds the compilation-cache flags
-and switches JAX's persistent compilation cache on before anything is compiled."""
+"""What every command line shares: the error wrapper, the argument parser (`make_parser`:
+defaults shown, --version, a bad argument is one line), the `--config.KEY=VALUE` parser
+and `parse`, which every command's arguments go through: it adds the compilation-cache
+flags and switches JAX's persistent compilation cache on before anything is compiled."""
+import argparse
 import dataclasses
 import functools
 import os
 import sys
 
-from ddm_jax.config import apply_overrides, load_config_file, validate
+import ddm_jax
+from ddm_jax.config import apply_overrides, load_config_file, shipped_configs, validate
 from ddm_jax.errors import ConfigError, DDMError
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+  """Each flag's default after its help, unless the help already says it or there is none
+  to show (None, False)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ''
+    if (action.option_strings and 'default' not in text
+        and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+      text += ' (default: %(default)s)'
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+  """A bad argument is one `error:` line (DDMError, through `cli`), not the usage."""
+
+  def error(self, message):
+    raise DDMError(f'{message} (see {self.prog} --help)')
+
+
+def make_parser(name, description, epilog=None):
+  """The argument parser of command `name` (train, sample, ...): its program name as the
+  user typed it (train.py, ddm-train or python -m ddm_jax.cli.train), defaults in the
+  help, --version."""
+  argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ''
+  typed = os.path.basename(argv0)
+  module = os.path.join('ddm_jax', 'cli', f'{name}.py')  # python -m sets argv[0] to the file
+  prog = (typed if typed in (f'{name}.py', f'ddm-{name.replace("_", "-")}')
+          and not argv0.endswith(module) else f'python -m ddm_jax.cli.{name}')
+  p = _Parser(prog=prog, description=description, epilog=epilog,
+              formatter_class=_HelpFormatter)
+  p.add_argument('--version', action='version', version=f'%(prog)s (ddm_jax) {ddm_jax.__version__}')
+  return p
+
+
+CONFIG_HELP = ('a config file (.py defining get_config()) or the name of a shipped config: '
+               + ', '.join(shipped_configs()))
+OVERRIDES_EPILOG = ('Any config value can be overridden on the command line: '
+                    '--config.SECTION.KEY=VALUE, e.g. --config.train.num_steps=2000 '
+                    "--config.loss.w_ind=0.0 --config.model.block_out_channels='(32,64)' "
+                    '(values are Python literals; unknown keys and wrong types are errors; '
+                    'README.md lists the keys).')
+
+
+def os_error_line(e):
+  """An OSError as one line naming the path: 'runs/x/sub: Not a directory'."""
+  paths = [p for p in (e.filename, e.filename2) if p is not None]
+  reason = e.strerror or str(e)
+  return f'{" -> ".join(os.fsdecode(p) for p in paths)}: {reason}' if paths else reason
 
 
 def split_overrides(argv):
@@ -124,6 +177,9 @@ def cli(fn):
     except DDMError as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
+    except OSError as e:  # no such folder, not a folder, permission, read-only, disk full
+      print(f'error: {os_error_line(e)}', file=sys.stderr)
+      return 2
     except KeyboardInterrupt:
       print('interrupted', file=sys.stderr)
       return 130
@@ -142,3 +198,48 @@ def experiment_plan(argv, parse_args, presets):
   plan = dataclasses.replace(preset, **{k: v for k, v in vars(args).items()
                                         if v is not None and k in fields})
   return args, plan, overrides
+
+
+def add_guidance_flags(p):
+  """Indicator guidance, the same flags and defaults for sample.py and evaluate.py."""
+  from ddm_jax.generation.guidance import VARIANTS  # pylint: disable=import-outside-toplevel
+  g = p.add_argument_group('indicator guidance')
+  g.add_argument('--guidance', default='none', choices=('none', 'indicator'),
+                 help='indicator: steer each sample to a target group with the trained indicator')
+  g.add_argument('--guidance_scale', type=float, default=None,
+                 help='S, the strength of the indicator\'s pull (default 1 with '
+                 '--guidance=indicator; needs it)')
+  g.add_argument('--grad_clip', type=float, default=None,
+                 help='cap the per-sample norm of the guidance gradient (default: no cap)')
+  g.add_argument('--guidance_path', default='unet', choices=('unet', 'x0'),
+                 help='gradient through the whole UNet (unet) or only its x0 estimate (x0)')
+  g.add_argument('--guidance_variant', default='plain', choices=VARIANTS,
+                 help='plain: classifier guidance; norm: unit-RMS gradient; early: guide the '
+                 'first half of the steps only; stop: stop pushing a sample while the guide '
+                 'puts it in its group (p >= 0.9)')
+
+
+def guidance_scale(args):
+  """--guidance_scale with its default: 1 when guided, 0 (unused) when not."""
+  if args.guidance != 'indicator':
+    if args.guidance_scale is not None:
+      raise DDMError('--guidance_scale needs --guidance=indicator')
+    return 0.0
+  return 1.0 if args.guidance_scale is None else args.guidance_scale
+
+
+def add_progress_flag(p):
+  p.add_argument('--no_progress', action='store_true',
+                 help='no progress bar (for logs and non-interactive runs)')
+
+
+def list_flag(conv, sep=','):
+  """The `type` of a `sep`-separated list flag: '4,8' -> (4.0, 8.0) for `float`; a bad item
+  is one line naming the flag and its text."""
+  def parse_list(text):
+    try:
+      return tuple(conv(v.strip()) for v in text.split(sep) if v.strip())
+    except ValueError:
+      kind = {int: 'integers', float: 'numbers'}.get(conv, 'values')
+      raise argparse.ArgumentTypeError(f'expected {sep!r}-separated {kind}, got {text!r}') from None
+  return parse_list

@@ -1,22 +1,26 @@
 """export.py: a trained Stable Diffusion DDM for PyTorch users (peft, diffusers, indicator)."""
-import argparse
 import os
+import sys
 
-from ddm_jax.cli.common import cli, parse
+from ddm_jax.cli.common import cli, make_parser, parse
 from ddm_jax.errors import ConfigError
 from ddm_jax.interop.export import export_latent_ddm
 from ddm_jax.training.setup import load_trained
 
 
-@cli
-def main(argv):
-  p = argparse.ArgumentParser(prog='export.py', description=(
+def build_parser():
+  p = make_parser('export', (
       'Export a trained Stable Diffusion DDM: peft LoRA adapters (UNet, text encoder), '
       "diffusers' pytorch_lora_weights.safetensors and the indicator as safetensors."))
   p.add_argument('--workdir', required=True, help='a train.py workdir (latest checkpoint)')
   p.add_argument('--output', required=True, help='folder to write')
   p.add_argument('--no_ema', action='store_true', help='export the raw instead of the EMA weights')
-  args = parse(p, argv)
+  return p
+
+
+@cli
+def main(argv):
+  args = parse(build_parser(), argv)
   trained = load_trained(args.workdir, use_ema=not args.no_ema)
   if not trained.ddm.latent:
     raise ConfigError(f'{args.workdir} is a pixel-space DDM; export is for Stable Diffusion '
@@ -25,3 +29,7 @@ def main(argv):
       'workdir': os.path.abspath(args.workdir), 'checkpoint_step': int(trained.step),
       'ema': not args.no_ema})
   print(f'wrote {", ".join(written)} to {os.path.abspath(args.output)}')
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -2,12 +2,11 @@
 
 python -m ddm_jax.cli.prepare_sd_digits --out DIR --pair 0,1 --ratio 4:1
 """
-import argparse
 import os
 import shlex
 import sys
 
-from ddm_jax.cli.common import cli
+from ddm_jax.cli.common import cli, make_parser
 from ddm_jax.data.reference_digits import (DEFAULT_OUT, DEFAULT_PROMPT, parse_ratio,
                                            write_reference_digits)
 from ddm_jax.errors import DataError
@@ -23,13 +22,12 @@ def parse_pair(text):
   return pair
 
 
-@cli
-def main(argv):
-  p = argparse.ArgumentParser(
-      prog='python -m ddm_jax.cli.prepare_sd_digits',
-      description="Write scikit-learn's digits as the paper's digit experiment uses them: two "
-                  'digit groups mixed at a ratio, RGB PNGs with a labels file and a prompt per '
-                  'image (train/), plus a balanced held-out folder (heldout/) for evaluate.py.')
+def build_parser():
+  p = make_parser(
+      'prepare_sd_digits',
+      "Write scikit-learn's digits as the paper's digit experiment uses them: two "
+      'digit groups mixed at a ratio, RGB PNGs with a labels file and a prompt per '
+      'image (train/), plus a balanced held-out folder (heldout/) for evaluate.py.')
   p.add_argument('--out', default=DEFAULT_OUT, help=f'folder to write (default {DEFAULT_OUT}, '
                  'where configs/sd15_digits.py looks)')
   p.add_argument('--pair', default='0,1', help='the two digits: group 0, group 1 (default 0,1)')
@@ -38,7 +36,12 @@ def main(argv):
                  help='subsampling seed (the same images as biased_digits with data.shuffle_seed)')
   p.add_argument('--resolution', type=int, default=32, help='image side in pixels (default 32)')
   p.add_argument('--prompt', default=DEFAULT_PROMPT, help=f'every image\'s prompt ("{DEFAULT_PROMPT}")')
-  args = p.parse_args(argv)
+  return p
+
+
+@cli
+def main(argv):
+  args = build_parser().parse_args(argv)
   pair = parse_pair(args.pair)
   summary = write_reference_digits(args.out, tuple((d,) for d in pair), parse_ratio(args.ratio, 2),
                                    args.seed, args.resolution, args.prompt)

@@ -1,55 +1,77 @@
 """python -m ddm_jax.cli.regime: DDM in the paper's regime against its baselines
 (`ddm_jax.experiments.regime` says what it runs and writes)."""
-import argparse
 import dataclasses
 import os
 import sys
 import time
 
-from ddm_jax.cli.common import cli, experiment_plan, load_config, parse
+from ddm_jax.cli.common import (CONFIG_HELP, OVERRIDES_EPILOG, cli, experiment_plan, list_flag,
+                                load_config, make_parser, parse)
 from ddm_jax.experiments.regime import PRESETS, Runner, write_summary
+from ddm_jax.experiments.regime.plan import GUIDED, UNGUIDED
 from ddm_jax.experiments.regime.runner import select_lr
 from ddm_jax.files import write_json
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'configs')
+from ddm_jax.generation.guidance import VARIANTS
 
 
-def _list(conv, sep=','):
-  return lambda text: tuple(conv(v.strip()) for v in text.split(sep) if v.strip())
+_METHODS = (', '.join(UNGUIDED + GUIDED) + '; a guided one with a variant, M:'
+            + '|'.join(v for v in VARIANTS if v != 'plain') + ', e.g. classifier:stop')
+
+# Plan fields given on the command line: (flag, type, help)
+_PLAN_FLAGS = (
+    ('pairs', list_flag(str, ';'), "groups of digits, ';'-separated: '0/1;7/8' (K = 3: '0/1/2')"),
+    ('ratios', list_flag(str), "training share of each group, e.g. '4:1,9:1' or '4:1:1'"),
+    ('methods', list_flag(str), f'comma-separated, from: {_METHODS}'),
+    ('lora_targets', list_flag(str), 'LoRA fine-tunes on the Dense or Conv layers so named (e.g. '
+     'to_q,to_v or to_q,to_v,conv1,conv2) instead of full ones'),
+    ('lora_rank', int, 'LoRA rank'),
+    ('lora_alpha', float, 'LoRA alpha (scale alpha / rank)'),
+    ('alphas', list_flag(float), 'DDM indicator weights w_ind (w_rec = 1 - alpha; 0 = the plain arm)'),
+    ('guided_alphas', list_flag(float), 'the alphas whose DDM models are also guided (ddm+guide)'),
+    ('scales', list_flag(float), 'guidance scales tried on the dev seeds'),
+    ('lrs', list_flag(float), 'fine-tune learning rates the lr rule picks from on the dev cell'),
+    ('lr', float, 'use this fine-tune lr and skip the lr rule (> 0)'),
+    ('dev_seeds', list_flag(int), 'seeds on which guidance scales (and the lr) are chosen'),
+    ('test_seeds', list_flag(int), 'seeds reported, at the chosen scales'),
+    ('base_steps', int, 'train steps of the pretrained base UNet'),
+    ('finetune_steps', int, 'train steps of every fine-tune'),
+    ('num_samples', int, 'samples per test (and every unguided) evaluation'),
+    ('dev_num_samples', int, 'samples per guided evaluation on the dev seeds'),
+    ('sample_steps', int, 'DDIM sampling steps'),
+    ('eta', float, 'DDIM eta'),
+    ('quality_n', int, 'samples per group for the equal-n quality figures (KID, FCD)'),
+    ('fd_target', float, 'scale rule: the smallest dev scale whose FD is at most this'),
+)
+
+
+def build_parser():
+  p = make_parser('regime', "DDM in the paper's regime against its baselines: a base UNet "
+                  'pretrained once on all ten digits, short fine-tunes of it on biased digit '
+                  'groups, evaluated unguided and guided.', epilog=OVERRIDES_EPILOG)
+  p.add_argument('--quick', action='store_true', help='the <= 15 minute preset')
+  p.add_argument('--name', default=None, help='label of the run (default: the preset)')
+  p.add_argument('--out', default=None,
+                 help='folder of the run, resumed and grown by later invocations (default '
+                 'sweeps/regime_<name> in the current folder)')
+  p.add_argument('--base_config', default='digits_base',
+                 help='the base UNet\'s config: ' + CONFIG_HELP)
+  p.add_argument('--config', default='digits',
+                 help='what every fine-tune starts from (--config.KEY=VALUE overrides it): '
+                 + CONFIG_HELP)
+  p.add_argument('--publish', default=None, help='copy summary, rows and plots here')
+  p.add_argument('--summary_only', action='store_true',
+                 help='only rebuild the summary and plots from the rows already there')
+  plan = p.add_argument_group('the grid (default: the preset\'s, '
+                              'ddm_jax/experiments/regime/plan.py)')
+  for name, conv, text in _PLAN_FLAGS:
+    plan.add_argument(f'--{name}', type=conv, default=None, help=text)
+  plan.add_argument('--test_all_scales', action='store_true', default=None,
+                    help='run the test seeds at every scale, not only the chosen one')
+  return p
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog='python -m ddm_jax.cli.regime',
-                              description="DDM in the paper's regime against its baselines.")
-  p.add_argument('--quick', action='store_true', help='the <= 15 minute preset')
-  p.add_argument('--name', default=None, help='label of the run (default: the preset)')
-  p.add_argument('--out', default=None, help='default sweeps/regime_<name>')
-  p.add_argument('--base_config', default=os.path.join(CONFIGS, 'digits_base.py'))
-  p.add_argument('--config', default=os.path.join(CONFIGS, 'digits.py'),
-                 help='what every fine-tune starts from (--config.KEY=VALUE overrides it)')
-  p.add_argument('--publish', default=None, help='copy summary, rows and plots here')
-  p.add_argument('--summary_only', action='store_true')
-  p.add_argument('--pairs', type=_list(str, ';'), default=None,
-                 help="groups of digits, ';'-separated: '0/1;7/8' (K = 3: '0/1/2')")
-  p.add_argument('--ratios', type=_list(str), default=None, help="e.g. '4:1,9:1' or '4:1:1'")
-  p.add_argument('--methods', type=_list(str), default=None)
-  p.add_argument('--lora_targets', type=_list(str), default=None,
-                 help='LoRA fine-tunes on the Dense or Conv layers so named (e.g. to_q,to_v or '
-                 'to_q,to_v,conv1,conv2) instead of full ones')
-  p.add_argument('--lora_rank', type=int, default=None)
-  p.add_argument('--lora_alpha', type=float, default=None)
-  for name in ('alphas', 'guided_alphas', 'scales', 'lrs'):
-    p.add_argument(f'--{name}', type=_list(float), default=None)
-  for name in ('dev_seeds', 'test_seeds'):
-    p.add_argument(f'--{name}', type=_list(int), default=None)
-  for name in ('base_steps', 'finetune_steps', 'num_samples', 'dev_num_samples', 'sample_steps',
-               'quality_n'):
-    p.add_argument(f'--{name}', type=int, default=None)
-  for name in ('lr', 'fd_target', 'eta'):
-    p.add_argument(f'--{name}', type=float, default=None)
-  p.add_argument('--test_all_scales', action='store_true', default=None)
-  return parse(p, argv, known=True)
+  return parse(build_parser(), argv, known=True)
 
 
 @cli

@@ -123,7 +123,19 @@ def digit_to_group(groups):
   return table
 
 
-class BiasedDigits(tfds.core.GeneratorBasedBuilder):
+class _Offline:
+  """Our builders prepare from local files, never a download: TFDS's banner ("Downloading
+  and preparing dataset Unknown size (download: Unknown size ...)") and its closing
+  "downloaded and prepared" line would only mislead."""
+
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
+
+
+class BiasedDigits(_Offline, tfds.core.GeneratorBasedBuilder):
   """scikit-learn 8x8 digits, grouped by class and biased to a group ratio."""
 
   VERSION = tfds.core.Version('1.1.0')
@@ -300,7 +312,7 @@ def resize_square(image, resolution):
   return image
 
 
-class ReferenceFolder(tfds.core.GeneratorBasedBuilder):
+class ReferenceFolder(_Offline, tfds.core.GeneratorBasedBuilder):
   """A folder of images + a group-label file + a prompts file (reference DDM format)."""
 
   VERSION = tfds.core.Version('1.0.0')

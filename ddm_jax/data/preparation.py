@@ -4,6 +4,8 @@ Our own builders (EMBEDDED) prepare here without network; any other TFDS data
 set must already be prepared in `data_dir`, else `DataError` at once (a real
 TFDS download without network retries for minutes).
 """
+import contextlib
+import logging
 import os
 import sys
 
@@ -33,18 +35,21 @@ def resolve_data_dir(data_cfg, workdir=None):
 def prepare(data_cfg, data_dir):
   """Returns a prepared TFDS builder; prepares our own builders offline if needed."""
   builder = make_builder(data_cfg, data_dir)
-  if builder.is_prepared():
+  name = get(data_cfg, 'name')
+  with _quiet_tfds() if name in EMBEDDED else contextlib.nullcontext():
+    prepared = builder.is_prepared()
+  if prepared:
     _check_file_format(builder, data_dir)
     _report_skipped(builder)
     return builder
-  name = get(data_cfg, 'name')
   if name not in EMBEDDED:
     raise DataError(f'data set {name!r} is not prepared in {data_dir}; prepare it on a machine with '
                     f'network (tfds build {name} --data_dir=DIR --file_format=array_record) and '
                     'copy DIR here, or set data.data_dir / $DDM_DATA_DIR to where it is')
   os.makedirs(data_dir, exist_ok=True)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  with _quiet_tfds(progress=False):  # seconds of work: four bars per split would be noise
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   _report_skipped(builder)
   return builder
 
@@ -93,11 +98,37 @@ def make_builder(data_cfg, data_dir):
     raise DataError(f'data.name {name!r} is not a TFDS data set known here: {first_line(e)}') from None
 
 
+class _QuietTFDS(logging.Filter):
+  """Drops TFDS's log lines that say nothing about our own builders: "Using custom data
+  configuration" (every config of ours is one, per groups/ratio/folder) and "Variant folder
+  ... has no dataset_info.json" (a folder being prepared)."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith(('Using custom data configuration', 'Variant folder'))
+
+
+@contextlib.contextmanager
+def _quiet_tfds(progress=True):
+  """Our builders' construction and preparation without TFDS's notes (and, unless
+  `progress`, without its per-split progress bars)."""
+  quiet, absl_logger = _QuietTFDS(), logging.getLogger('absl')
+  absl_logger.addFilter(quiet)
+  if not progress:
+    tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+    if not progress:
+      tfds.display_progress_bar(True)
+
+
 def _embedded_builder(cls, config, data_dir):
-  """One builder per (class, config name, data_dir): tfds warns on every custom-config build."""
+  """One builder per (class, config name, data_dir), built without TFDS's custom-config warning."""
   key = (cls, config.name, data_dir)
   if key not in _BUILDERS:
-    _BUILDERS[key] = cls(config=config, data_dir=data_dir, file_format='array_record')
+    with _quiet_tfds():
+      _BUILDERS[key] = cls(config=config, data_dir=data_dir, file_format='array_record')
   return _BUILDERS[key]
 
 

@@ -140,6 +140,12 @@ def write_outputs(out_dir, report, images, pred, num_groups):
   write_text(os.path.join(out_dir, 'report.md'), render_markdown(report))
 
 
+def check_settings(trained, settings):
+  """ConfigError if `settings` cannot run on the loaded model (guidance on a model whose
+  indicator never learned, a bad sampler, ...), before anything is generated or written."""
+  _plan(trained, settings)
+
+
 def _plan(trained, settings):
   return plan_samples(trained.ddm, trained.config, settings.num_samples, seed=settings.seed,
                       batch_size=settings.batch_size, sampler=settings.sampler,

@@ -47,8 +47,9 @@ class Evaluations:
   def __init__(self):
     self._ctx = {}
 
-  def __call__(self, workdir, settings, out_dir, with_indicator=True):
-    trained = load_trained(workdir)
+  def __call__(self, workdir, settings, out_dir, with_indicator=True, trained=None):
+    """`trained`: `workdir`'s model, if the caller has loaded it already."""
+    trained = trained or load_trained(workdir)
     key = json.dumps(true_group_data_cfg(trained.config.data).to_dict(), sort_keys=True,
                      default=str)
     if key not in self._ctx:
