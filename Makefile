@@ -17,13 +17,18 @@ THP := GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 
 .PHONY: demo test bench clean
 
-$(VENV)/.core: setup.cfg pyproject.toml
+# Installs hold to constraints.txt, the tested lock (setup.cfg's ranges are wider).
+$(VENV)/.core: setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e .
+	$(PIP) -c constraints.txt -e .
 	touch $@
 
+# TORCH_INDEX='--extra-index-url https://download.pytorch.org/whl/cpu' takes torch's CPU build
+# where PyPI's would be the CUDA one (README, "Dependencies"); empty here, where a local CPU
+# wheel satisfies the pin.
+TORCH_INDEX ?=
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) -e '.[test,torch]'
+	$(PIP) -c constraints.txt $(TORCH_INDEX) -e '.[test,torch]'
 	touch $@
 
 demo: $(VENV)/.core
@@ -40,5 +45,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
+# Only what make made: the environment, the demo's run, pip's build leftovers. Other runs
+# under runs/ are the user's and stay.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(WORKDIR) build ddm_jax.egg-info
