@@ -4,7 +4,7 @@ The reference code fine-tunes SD-1.5 on mixed MNIST pairs (0/1, 7/8) at 32x32 wi
 prompt per image; here the digits are scikit-learn's embedded ones, written in the
 reference format once:
 
-python -m ddm_jax.cli.prepare_sd_digits --pair 0,1 --ratio 4:1     # -> ~/.cache/ddm_jax/sd_digits
+python -m ddm_jax.cli.prepare_sd_digits --pair 0/1 --ratio 4:1     # -> ~/.cache/ddm_jax/sd_digits
 python train.py --config=configs/sd15_digits.py --workdir=runs/sd_digits \
   --config.model.pretrained=/path/to/stable-diffusion-v1-5
 python evaluate.py --workdir=runs/sd_digits --num_samples=200

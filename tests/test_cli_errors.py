@@ -241,3 +241,41 @@ def test_sample_into_a_path_under_a_file(plain_model, tmp_path):
                                           '--steps=2', f'--output={blocker}/sub', '--no_progress'],
                  f'{blocker}/sub', 'Not a directory')
   assert blocker.read_text() == 'x' and os.listdir(tmp_path) == ['a_file']
+
+
+# ----------------------------------------------------------------------------- docs
+
+def _readme_config_rows():
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    text = f.read()
+  table = text[text.index('### Config keys'):text.index('### Other data sets')]
+  return [line for line in table.splitlines() if line.startswith('| `')]
+
+
+def _leaf_keys(config, prefix=''):
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      yield from _leaf_keys(value, f'{prefix}{key}.')
+    else:
+      yield prefix + key
+
+
+def test_readme_config_table_names_every_key_of_the_digits_config():
+  """Each key of configs/digits.py is in README's table: by its dotted name, or in a row
+  whose key cell starts with its section (`optim.lr`, `schedule`, ...; `model.*`)."""
+  rows = _readme_config_rows()
+  missing = []
+  for dotted in _leaf_keys(load_config_file('digits')):
+    section, key = dotted.rsplit('.', 1)
+    if not any(f'`{dotted}`' in row or (row.split('|')[1].strip().startswith(f'`{section}.')
+                                        and (f'`{key}`' in row or f'`{section}.*`' in row))
+               for row in rows):
+      missing.append(dotted)
+  assert not missing, f'README.md "Config keys" lacks {missing}'
+
+
+def test_prepare_sd_digits_spells_a_pair_as_regime_does():
+  from ddm_jax.cli.prepare_sd_digits import parse_pair  # pylint: disable=import-outside-toplevel
+  assert parse_pair('0/1') == parse_pair('0,1') == (0, 1)
+  with pytest.raises(DDMError, match='such as 0/1'):
+    parse_pair('0/1/2')

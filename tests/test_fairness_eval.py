@@ -239,6 +239,9 @@ def test_before_after_picture(tiny_conditional, roots, monkeypatch, capsys):
                        '--guidance_scale', '4', '--out', out]) == 0
   printed = capsys.readouterr().out
   assert Image.open(out).size[0] > 2 * Image.open(out).size[1] / 2  # two grids side by side
+  # each panel says what it is, beside the shares the model was trained at
+  assert 'training split: group shares (0.80, 0.20)' in printed
+  assert 'DDM, unguided: FD' in printed and 'DDM + indicator guidance, S = 4: FD' in printed
   for sub in ('unguided', 'S4'):
     rep = json.load(open(os.path.join(tiny_conditional, 'eval', 'before_after', sub,
                                       'report.json')))

@@ -1,6 +1,6 @@
 """prepare_sd_digits: the embedded digits in the reference format, for configs/sd15_digits.py.
 
-python -m ddm_jax.cli.prepare_sd_digits --out DIR --pair 0,1 --ratio 4:1
+python -m ddm_jax.cli.prepare_sd_digits --out DIR --pair 0/1 --ratio 4:1
 """
 import os
 import shlex
@@ -13,12 +13,13 @@ from ddm_jax.errors import DataError
 
 
 def parse_pair(text):
+  """'0/1' (as the regime experiment's --pairs spells a pair) or '0,1' -> (0, 1)."""
   try:
-    pair = tuple(int(v) for v in text.split(','))
+    pair = tuple(int(v) for v in text.split('/' if '/' in text else ','))
   except ValueError:
     pair = ()
   if len(pair) != 2 or len(set(pair)) != 2 or not all(0 <= d <= 9 for d in pair):
-    raise DataError(f'--pair must be two different digits 0..9 such as 0,1, got {text!r}')
+    raise DataError(f'--pair must be two different digits 0..9 such as 0/1, got {text!r}')
   return pair
 
 
@@ -30,7 +31,8 @@ def build_parser():
       'image (train/), plus a balanced held-out folder (heldout/) for evaluate.py.')
   p.add_argument('--out', default=DEFAULT_OUT, help=f'folder to write (default {DEFAULT_OUT}, '
                  'where configs/sd15_digits.py looks)')
-  p.add_argument('--pair', default='0,1', help='the two digits: group 0, group 1 (default 0,1)')
+  p.add_argument('--pair', default='0/1', help='the two digits, group 0/group 1, as regime '
+                 "--pairs spells a pair ('0,1' is read too)")
   p.add_argument('--ratio', default='4:1', help='training share of group 0 : group 1 (default 4:1)')
   p.add_argument('--seed', type=int, default=0,
                  help='subsampling seed (the same images as biased_digits with data.shuffle_seed)')

@@ -1,6 +1,7 @@
-"""The demo's point in one picture: the same trained DDM sampled unguided (what the biased
-data gives) and with its indicator guidance toward a uniform mix, each grid labelled with
-its FD as the evaluator measures it."""
+"""The demo's point in one picture: the same trained DDM sampled unguided and with its
+indicator guidance toward a uniform mix, each grid labelled with its FD and group shares as
+the evaluator measures them, beside the training split's shares (unguided DDM sampling need
+not reproduce them; RESULTS.md measures how far it moves)."""
 import os
 
 import numpy as np
@@ -28,6 +29,9 @@ def before_after(workdir, scale, num_samples=256, seed=0, out=None, show=64, ste
   trained = load_trained(workdir)
   for _, settings in halves:  # both halves can run (w_ind > 0, ...) before either writes
     check_settings(trained, settings.validate())
+  train = ', '.join(f'{p:.2f}' for p in training_shares(trained.config.data))
+  if train:
+    log(f'training split: group shares ({train})')
   reports, grids, titles = [], [], []
   for s, settings in halves:
     out_dir = os.path.join(workdir, 'eval', 'before_after', 'unguided' if s is None else f'S{s:g}')
@@ -36,11 +40,21 @@ def before_after(workdir, scale, num_samples=256, seed=0, out=None, show=64, ste
       images = z['images'][:show].astype(np.float32) / 127.5 - 1.0
     f = rep['fairness']
     shares = ', '.join(f'{p:.2f}' for p in f['proportions'])
-    name = 'unguided (the data\'s bias)' if s is None else f'DDM + indicator guidance, S = {s:g}'
-    titles.append(f"{name}\nFD {f['fd']:.3f}, group shares ({shares})")
+    name = 'DDM, unguided' if s is None else f'DDM + indicator guidance, S = {s:g}'
+    titles.append(f"{name}\nFD {f['fd']:.3f}, group shares ({shares})"
+                  + (f'\ntraining split: ({train})' if train else ''))
     grids.append(make_grid(images, pad=1))
     reports.append(rep)
     log(f"{name}: FD {f['fd']:.4f}, group shares ({shares}), {num_samples} samples")
   plots.save_side_by_side(out, grids, titles)
   log(f'picture: {out}')
   return out, reports
+
+
+def training_shares(data_cfg):
+  """The group shares the model was trained at, where the config states them
+  (biased_digits' proportions, a generic data set's group_ratio); () where it does not."""
+  ratio = tuple(data_cfg.get('proportions') or ()) if data_cfg.get('name') == 'biased_digits' \
+      else tuple(data_cfg.get('group_ratio') or ())
+  total = float(sum(ratio)) if ratio else 0.0
+  return tuple(float(r) / total for r in ratio) if total > 0 else ()
