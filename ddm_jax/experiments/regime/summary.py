@@ -130,7 +130,8 @@ def summary_markdown(summary, plan, meta, chosen):
            f"pretrained on all ten digits (balanced, {plan.base_steps} steps). Every model: "
            f"{tune}, {plan.finetune_steps} steps at batch 64, constant lr "
            f"{meta['lr']:g} ({meta['lr_rule']}), AdamW, clip by value 1.0 as the reference "
-           "clips, the indicator initialised as PyTorch's nn.Linear. Evaluation: {plan.num_samples} samples per "
+           "clips, the indicator initialised as PyTorch's nn.Linear. Evaluation: "
+           f"{plan.num_samples} samples per "
            f'model and seed ({plan.dev_num_samples} for the dev seeds\' scale sweep; DDIM {plan.sample_steps} steps, eta {plan.eta:g}), classified by a CNN '
            'trained on real images disjoint from every generator\'s training images. Dev seeds '
            f"{', '.join(map(str, plan.dev_seeds))} pick the guidance scale (smallest with dev "
