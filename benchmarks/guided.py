@@ -6,9 +6,9 @@ python benchmarks/guided.py --workdir=runs/demo [--batch 64] [--steps 25] [--rep
 Why: guidance takes the gradient of the indicator through the UNet inside the sampler's
 `lax.scan`. On CPU, XLA lays out the kernel of an input-gradient convolution inside a loop
 body as `01oi`, which its fast (YNNPACK) convolution does not take, and falls back to a
-kernel 5-20x slower; the library's im2col path (`models.blocks.conv_general_dilated`) has
+kernel 5-20x slower; the library's im2col path (`models.cpu_conv.conv_general_dilated`) has
 no such convolution, so guidance traces convolutions up to
-`blocks.IM2COL_MAX_PIXELS_LOOP_GRAD` pixels that way. Here 'guided, no loop im2col' is the
+`ddm_jax.kernels.Kernels.im2col_max_pixels_loop_grad` pixels that way. Here 'guided, no loop im2col' is the
 guided sampler with that raised threshold turned off (as before). Each sampler is compiled
 once, then all take turns (`kernels.interleaved_medians`). Prints one JSON line: seconds per
 image and the ratios; BENCHMARKS.md quotes it.
@@ -37,26 +37,24 @@ def main(argv=None):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from ddm_jax.generation.generator import make_generator  # pylint: disable=import-outside-toplevel
   from ddm_jax.generation.guidance import make_guide, make_guided_generator  # pylint: disable=import-outside-toplevel
-  from ddm_jax.models import blocks  # pylint: disable=import-outside-toplevel
+  from ddm_jax import kernels  # pylint: disable=import-outside-toplevel
   from ddm_jax.training.setup import load_trained  # pylint: disable=import-outside-toplevel
 
   t = load_trained(args.workdir)
   key, b = jax.random.key(0), args.batch
   guide = make_guide(np.arange(b) % t.config.data.num_groups, 8.0)
   fns = {}
-  for name, loop_px in (('unguided', None), ('guided', blocks.IM2COL_MAX_PIXELS_LOOP_GRAD),
-                        ('guided, no loop im2col', blocks.IM2COL_MAX_PIXELS)):
+  default = kernels.current()
+  for name, loop_px in (('unguided', None), ('guided', default.im2col_max_pixels_loop_grad),
+                        ('guided, no loop im2col', default.im2col_max_pixels)):
     if loop_px is None:
       gen = make_generator(t.ddm, t.mesh, 'ddim', args.steps)
       call = lambda gen=gen: jax.block_until_ready(gen(t.params, t.frozen, key, b))
     else:
       gen = make_guided_generator(t.ddm, t.mesh, 'ddim', args.steps)
       call = lambda gen=gen: jax.block_until_ready(gen(t.params, t.frozen, key, b, guide=guide))
-    saved, blocks.IM2COL_MAX_PIXELS_LOOP_GRAD = blocks.IM2COL_MAX_PIXELS_LOOP_GRAD, loop_px
-    try:
+    with kernels.using(im2col_max_pixels_loop_grad=loop_px or 0):
       call()  # compiles with the threshold in force (it is read at trace time)
-    finally:
-      blocks.IM2COL_MAX_PIXELS_LOOP_GRAD = saved
     fns[name] = call
   per_image = {k: v / b for k, v in interleaved_medians(fns, args.reps, block=2, warm=1).items()}
   row = {'workdir': args.workdir, 'image_shape': list(t.ddm.sample_shape), 'batch': b,

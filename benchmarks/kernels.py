@@ -7,7 +7,7 @@ profile cannot say whose kernels are faster. Here each kernel at the shapes of t
 UNet (8x8 latents, batch 16, channels 64-256) runs alone: matmuls, 3x3 convolutions (forward,
 and forward + backward for input and kernel), GroupNorm + SiLU (forward + backward) and
 attention (forward + backward). JAX runs XLA's own lowering and, for convolutions, the
-library's im2col path (`ddm_jax.models.blocks.conv_general_dilated` with every size
+library's im2col path (`ddm_jax.models.cpu_conv.conv_general_dilated` with every size
 allowed); PyTorch runs its eager kernels (oneDNN) as the reference does. The two frameworks
 take turns in blocks of ten timed calls (after two untimed ones), so load from elsewhere hits
 both. Prints one JSON line per kernel: median ms for each, and ratio = PyTorch ms / JAX ms
@@ -62,7 +62,8 @@ def _jax_fns(kind, shape, arrays):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax import lax  # pylint: disable=import-outside-toplevel
-  from ddm_jax.models import blocks  # pylint: disable=import-outside-toplevel
+  from ddm_jax import kernels  # pylint: disable=import-outside-toplevel
+  from ddm_jax.models import cpu_conv  # pylint: disable=import-outside-toplevel
   a = [jnp.asarray(x) for x in arrays]
   ready = jax.block_until_ready
   if kind == 'matmul':
@@ -74,11 +75,9 @@ def _jax_fns(kind, shape, arrays):
                                                 dimension_numbers=dn)
 
     def im2col(x, w):
-      saved, blocks.IM2COL_MAX_PIXELS = blocks.IM2COL_MAX_PIXELS, 1 << 30
-      try:  # read at trace time: every size takes the im2col path
-        return blocks.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-      finally:
-        blocks.IM2COL_MAX_PIXELS = saved
+      with kernels.using(im2col_max_pixels=1 << 30):  # traced so: every size takes im2col
+        return cpu_conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=dn)
     out = {}
     for label, conv in (('xla', xla), ('im2col', im2col)):
       f = jax.jit(conv)

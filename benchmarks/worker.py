@@ -79,10 +79,10 @@ def run_jax(preset, allow_cpu, budget_s=0.0, threads=0, timeline=None):
   from benchmarks import jax_side  # pylint: disable=import-outside-toplevel
   out = _base('jax', preset)
   out['threads'] = threads or os.cpu_count()
-  from ddm_jax.models import blocks  # pylint: disable=import-outside-toplevel
+  from ddm_jax import kernels  # pylint: disable=import-outside-toplevel
   out.update(jax_version=jax.__version__, backend=jax.default_backend(),
              device=jax.devices()[0].device_kind, devices=jax.device_count(),
-             attention=blocks.ATTENTION,
+             attention=kernels.current().attention,
              jax_cache=bool(os.environ.get('JAX_COMPILATION_CACHE_DIR')))
   if preset.accelerator and jax.default_backend() == 'cpu' and not allow_cpu:
     return {**out, 'skipped': 'no accelerator (preset is for a GPU; --allow-cpu forces it)'}

@@ -3,8 +3,9 @@
 XLA's cache is keyed on the lowered module, so a warm start still traces and lowers every
 program to find its entry (14 s and 6.6 s of the digits train step, BENCHMARKS.md). Here a
 program is traced once, exported (`jax.export`) and stored under a key made of everything
-it depends on: jax and jaxlib, the devices, the ddm_jax sources, the caller's description
-(the config, the function's role) and the arguments' avals and shardings. A warm start reads
+it depends on: jax and jaxlib, the devices, the ddm_jax sources, the kernels in force
+(`kernels.current()`, whole: the knobs read while tracing), the caller's description (the
+config, the function's role) and the arguments' avals and shardings. A warm start reads
 it back and compiles it. Cold and warm compile the same module (the cold run compiles what
 it has just serialized, read back), so XLA's cache hits as well. The compiled executable is
 stored beside its entry too (`NAME.exe`, keyed also on the XLA flags and the processor), so
@@ -16,11 +17,12 @@ A description must name everything `fun` closes over that is not one of its argu
 None: never cached. Programs are exported with their arguments and results flattened (jax
 cannot serialize flax's and optax's pytree nodes); the results' structure is pickled beside.
 
-Bypassed (jax's own path): no folder (`--no_jax_cache`), multi-process runs (every host
+`trace`/`compile` use the `Cache` they are given, else the one the command line installed
+(`install`, cli/common.py). Bypassed (jax's own path): no cache (`--no_jax_cache`), multi-process runs (every host
 would have to find the same entries; not built), jits without explicit shardings, and any
 failure to export (e.g. host callbacks). A damaged or mismatched entry is traced again and
-rewritten, with a one-line note. The folder is kept under `MAX_BYTES`, least recently used
-entries evicted first.
+rewritten, with a one-line note. The folder is kept under the cache's `max_bytes`, least
+recently used entries evicted first.
 """
 import contextlib
 import functools
@@ -34,6 +36,7 @@ import sys
 import jax
 from jax.experimental import serialize_executable
 
+from ddm_jax import kernels
 from ddm_jax.files import write_bytes
 
 FORMAT = b'ddm_jax trace 1\n'
@@ -42,18 +45,39 @@ _XLA_CACHE_HIT = '/jax/compilation_cache/cache_hits'
 # Entries (and executables) beyond this many bytes are evicted, least recently used first:
 # every ddm_jax source change, config and shape makes new ones and nothing else removes them.
 MAX_BYTES = 4 << 30
-_folder = None
-_max_bytes = MAX_BYTES
+
+
+class Cache:
+  """A folder of entries, kept under `max_bytes` (least recently used evicted first)."""
+
+  def __init__(self, folder, max_bytes=MAX_BYTES):
+    self.folder, self.max_bytes = folder, max_bytes
+
+  def trace(self, jitted, *args):
+    return trace(jitted, *args, cache=self)
+
+  def compile(self, jitted, *args):  # pylint: disable=redefined-builtin
+    return trace(jitted, *args, cache=self).compile()
+
+
+# The cache `trace` and `compile` use when given none: the command line's (cli/common.py
+# installs it), else no cache.
+_installed = None
+
+
+def install(cache):
+  """Make `cache` (a Cache, or None: no trace cache) the one used when none is given."""
+  global _installed  # pylint: disable=global-statement
+  _installed = cache
 
 
 def configure(folder, max_bytes=MAX_BYTES):
-  """Store entries in `folder` (None: no trace cache), at most `max_bytes` of them."""
-  global _folder, _max_bytes  # pylint: disable=global-statement
-  _folder, _max_bytes = folder, max_bytes
+  """install(Cache(folder, max_bytes)); folder None: no trace cache."""
+  install(None if folder is None else Cache(folder, max_bytes))
 
 
 def folder():
-  return _folder
+  return None if _installed is None else _installed.folder
 
 
 class Jit:
@@ -73,25 +97,27 @@ class Jit:
 jit = Jit
 
 
-def trace(jitted, *args):
+def trace(jitted, *args, cache=None):
   """`jitted` (a `Jit` or a `jax.jit`) traced for `args` (arrays or ShapeDtypeStructs):
-  `.out_info` and `.compile()`, through the cache where it can be used."""
-  if isinstance(jitted, Jit) and _usable(jitted):
+  `.out_info` and `.compile()`, through `cache` (default: the installed one) where it can
+  be used."""
+  cache = cache or _installed
+  if isinstance(jitted, Jit) and _usable(jitted, cache):
     try:
-      return _Cached(jitted, args)
+      return _Cached(jitted, args, cache)
     except Exception as e:  # pylint: disable=broad-except
       _note(f'{_name(jitted)} not cached ({_why(e)})')
       jitted = jitted.plain
   return _Plain(jitted.plain.trace(*args) if isinstance(jitted, Jit) else jitted.trace(*args))
 
 
-def compile(jitted, *args):  # pylint: disable=redefined-builtin
-  return trace(jitted, *args).compile()
+def compile(jitted, *args, cache=None):  # pylint: disable=redefined-builtin
+  return trace(jitted, *args, cache=cache).compile()
 
 
-def _usable(jitted):
+def _usable(jitted, cache):
   kw = jitted.jit_kw
-  return (_folder is not None and jitted.description is not None and jax.process_count() == 1
+  return (cache is not None and cache.folder is not None and jitted.description is not None and jax.process_count() == 1
           and 'in_shardings' in kw and 'out_shardings' in kw
           and set(kw) <= {'in_shardings', 'out_shardings', 'donate_argnums'})
 
@@ -127,8 +153,9 @@ def flat_shardings(prefix, tree):
 class _Cached:
   """A program read from its entry, or traced, exported and stored there."""
 
-  def __init__(self, jitted, args):
+  def __init__(self, jitted, args, cache):
     kw = jitted.jit_kw
+    self.cache = cache
     leaves, self.in_tree = jax.tree_util.tree_flatten(args)
     in_prefix = kw['in_shardings']
     if not isinstance(in_prefix, tuple):   # one sharding for every argument, as jax.jit
@@ -143,18 +170,21 @@ class _Cached:
                                        weak_type=getattr(a, 'weak_type', False))
                   for a, s in zip(leaves, self.in_shardings)]
     self.out_prefix = kw['out_shardings']
-    key = repr((FORMAT, _environment(), jitted.description, _name(jitted), str(self.in_tree),
+    # kernels.current(): every knob read while tracing that is not an argument or in the
+    # description (the attention kernel, the im2col thresholds), all of it, by construction
+    key = repr((FORMAT, _environment(), kernels.current(), jitted.description, _name(jitted),
+                str(self.in_tree),
                 [(a.shape, str(a.dtype), a.weak_type, _sharding_text(a.sharding))
                  for a in self.avals],
                 self.donated, str(jax.tree_util.tree_map(_sharding_text, self.out_prefix))))
-    path = os.path.join(_folder, hashlib.sha256(key.encode()).hexdigest() + '.trace')
+    path = os.path.join(cache.folder, hashlib.sha256(key.encode()).hexdigest() + '.trace')
     self.path, self.key = path, key
     entry = _read(path, key)
     if entry is None:
       blob, out_tree = self._export(jitted)
       payload = pickle.dumps({'key': key, 'exported': bytes(blob), 'out_tree': out_tree})
-      os.makedirs(_folder, exist_ok=True)
-      _store(path, FORMAT + hashlib.sha256(payload).digest() + payload)
+      os.makedirs(cache.folder, exist_ok=True)
+      _store(cache, path, FORMAT + hashlib.sha256(payload).digest() + payload)
       # what was just stored, read back: the warm run compiles this very module
       entry = jax.export.deserialize(blob), out_tree
     self.exported, self.out_tree = entry
@@ -203,7 +233,7 @@ class _Cached:
     if not hits:
       # Only a program compiled here is stored: jaxlib serializes an executable it loaded
       # from XLA's cache without its code (it then fails when run: "Function ... not found").
-      _write_executable(exe_path, exe_key, compiled)
+      _write_executable(self.cache, exe_path, exe_key, compiled)
     return Compiled(compiled, self.in_tree, self.out_tree)
 
 
@@ -214,7 +244,7 @@ def _read_executable(path, key, devices):
       e['blob'], e['in_tree'], e['out_tree'], execution_devices=devices))
 
 
-def _write_executable(path, key, compiled):
+def _write_executable(cache, path, key, compiled):
   """Stores `compiled` for `_read_executable`; a program jaxlib cannot serialize (e.g. with
   constants closed over) is simply not stored."""
   try:
@@ -222,19 +252,19 @@ def _write_executable(path, key, compiled):
   except Exception:  # pylint: disable=broad-except
     return
   payload = pickle.dumps({'key': key, 'blob': blob, 'in_tree': in_tree, 'out_tree': out_tree})
-  _store(path, EXE_FORMAT + hashlib.sha256(payload).digest() + payload)
+  _store(cache, path, EXE_FORMAT + hashlib.sha256(payload).digest() + payload)
 
 
-def _store(path, data):
+def _store(cache, path, data):
   """Writes an entry atomically, then evicts the least recently used entries (by mtime,
-  which a read renews) until the folder holds at most `_max_bytes`, this one kept."""
+  which a read renews) until the folder holds at most `cache.max_bytes`, this one kept."""
   write_bytes(path, data)
   try:
-    entries = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(_folder)
+    entries = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(cache.folder)
                if e.name.endswith(('.trace', '.exe')) and e.path != path]
     total = sum(size for _, size, _ in entries) + len(data)
     for _, size, old in sorted(entries):
-      if total <= _max_bytes:
+      if total <= cache.max_bytes:
         break
       os.remove(old)
       total -= size

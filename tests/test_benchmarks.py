@@ -156,12 +156,12 @@ def test_worker_args():
     ((2, 2), 3, 2, ((0, 1), (0, 1))), ((1, 2), 3, 1, 'SAME'), ((8, 8), 3, 1, ((1, 1), (1, 1))),
     ((1, 1), 1, 1, 'SAME'), ((8, 8), 1, 1, ((0, 0), (0, 0))), ((3, 5), 1, 1, 'VALID')])
 def test_conv_fast_path_matches_lax(hw, kernel, stride, padding):
-  """blocks.conv_general_dilated (im2col/matmul for small inputs and 1x1 kernels on CPU)
+  """cpu_conv.conv_general_dilated (im2col/matmul for small inputs and 1x1 kernels on CPU)
   computes lax.conv_general_dilated's values and gradients."""
   import jax
   import jax.numpy as jnp
   from jax import lax
-  from ddm_jax.models.blocks import conv_general_dilated
+  from ddm_jax.models.cpu_conv import conv_general_dilated
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3,) + hw + (5,)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((kernel, kernel, 5, 7)), jnp.float32)

@@ -10,6 +10,7 @@ import errno
 import importlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,6 +242,28 @@ def test_sample_into_a_path_under_a_file(plain_model, tmp_path):
                                           '--steps=2', f'--output={blocker}/sub', '--no_progress'],
                  f'{blocker}/sub', 'Not a directory')
   assert blocker.read_text() == 'x' and os.listdir(tmp_path) == ['a_file']
+
+
+def test_sample_into_a_folder_that_refuses_writes(plain_model, tmp_path):
+  """A real refusal (an immutable folder: root ignores modes): one line, nothing written."""
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  if os.geteuid() != 0:
+    os.chmod(locked, 0o555)
+    undo = lambda: os.chmod(locked, 0o755)  # pylint: disable=unnecessary-lambda-assignment
+  elif shutil.which('chattr') and subprocess.run(['chattr', '+i', str(locked)],
+                                                  capture_output=True, check=False).returncode == 0:
+    undo = lambda: subprocess.run(['chattr', '-i', str(locked)], check=True)  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    pytest.skip('running as root without chattr +i: cannot make a folder refuse writes')
+  try:
+    line = one_line_error(_module('sample').main,
+                          ['--workdir', plain_model, '--num_samples=2', '--steps=2',
+                           f'--output={locked}/out', '--no_progress'], f'{locked}/out')
+  finally:
+    undo()
+  assert 'not permitted' in line or 'Permission denied' in line, line
+  assert os.listdir(locked) == []
 
 
 # ----------------------------------------------------------------------------- docs

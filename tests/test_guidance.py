@@ -150,7 +150,7 @@ class ConvDDM(LinearDDM):
 
   def model_fn(self, params, frozen, x, t, **cond):
     from jax import lax
-    from ddm_jax.models.blocks import conv_general_dilated
+    from ddm_jax.models.cpu_conv import conv_general_dilated
     w = jnp.full((3, 3, 1, 1), 0.1, jnp.float32)
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
     return conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn)

@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Lower rank = lower layer. A unit is a top-level module or subpackage of ddm_jax (interop
 # is split: its loader sits under the models' users, its exporter above the trained model).
 LAYERS = {
-    'errors': 0, 'files': 0, 'hostmem': 0,
+    'errors': 0, 'files': 0, 'hostmem': 0, 'kernels': 0,
     'models': 1, 'diffusion': 1, 'pseudo_labels': 1, 'images': 1, 'trace_cache': 1,
     'config': 2, 'interop.diffusers': 2, 'objective': 2, 'data': 2, 'parallel': 2,
     'interop': 2, 'ddm': 3,

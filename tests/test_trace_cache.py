@@ -1,10 +1,12 @@
 """The trace cache (ddm_jax.trace_cache): a warm start reads the traced program instead of
 tracing it; results are bit-identical to jax.jit's, donation and shardings kept; damaged,
 truncated or mismatched entries and programs that cannot be exported fall back to tracing."""
+import dataclasses
 import os
 import subprocess
 import sys
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +14,10 @@ import numpy as np
 import pytest
 
 from ddm_jax import data as data_lib
-from ddm_jax import parallel, trace_cache
+from ddm_jax import kernels, parallel, trace_cache
 from ddm_jax.ddm import build_ddm
 from ddm_jax.generation.generator import make_generator
+from ddm_jax.models import cpu_conv
 from ddm_jax.training.setup import TrainSetup
 from tests.helpers import REPO, read_jsonl, subprocess_env, tiny_config, train_argv
 from tests.test_compile_cache import DAMAGES, damage_file
@@ -280,3 +283,62 @@ def test_train_py_warm_run_is_bit_identical_to_its_cold_run(data_dir, tmp_path):
   drop = lambda rows: [{k: v for k, v in r.items() if k != 'steps_per_sec' and 'time' not in k}  # noqa: E731
                        for r in rows]
   assert drop(warm) == drop(cold)
+
+
+def _kernel_codes(k):
+  """A number per field of `k`, from its value: what a program that reads them returns."""
+  return np.array([zlib.crc32(repr(getattr(k, f.name)).encode()) % 997
+                   for f in dataclasses.fields(k)], np.float32)
+
+
+def test_a_changed_kernel_knob_is_another_program_warm_or_not(traces):
+  """Every field of kernels.Kernels (the attention kernel, the im2col thresholds, and any
+  added later) is read while tracing, so each is in the program's identity: with a warm
+  cache, changing one runs a program that gives the new output, not the stored one, both
+  through the trace cache and through jax's own jit cache; back at the default, the stored
+  entry is read, not traced again."""
+  mesh = parallel.make_mesh()
+  repl = parallel.replicated(mesh)
+  calls = []
+
+  def fun(x):
+    calls.append(1)
+    return x + _kernel_codes(kernels.current())
+
+  jitted = trace_cache.jit(fun, 'reads the kernels', in_shardings=repl, out_shardings=repl)
+  x = jax.device_put(np.zeros(len(dataclasses.fields(kernels.Kernels)), np.float32), repl)
+  default = kernels.current()
+  assert np.array_equal(trace_cache.compile(jitted, x)(x), _kernel_codes(default))   # cold
+  for field in dataclasses.fields(default):
+    value = getattr(default, field.name)
+    changed = {'attention': 'auto' if value != 'auto' else 'xla'}.get(field.name, None)
+    changed = value + 1 if changed is None else changed
+    with kernels.using(**{field.name: changed}):
+      want = _kernel_codes(kernels.current())
+      assert not np.array_equal(want, _kernel_codes(default))
+      assert np.array_equal(trace_cache.compile(jitted, x)(x), want), field.name
+      assert np.array_equal(jitted(x), want), field.name   # jax.jit's own cache
+  n = len(calls)
+  assert np.array_equal(trace_cache.compile(jitted, x)(x), _kernel_codes(default))
+  assert len(calls) == n, 'the default program was traced again instead of read'
+
+
+def test_the_im2col_threshold_changes_the_cached_program(traces):
+  """The CPU convolution path (models/cpu_conv.py) at 8x8 under the default threshold is a
+  convolution; with the threshold raised and the default's entry warm, the program read is
+  a matmul (im2col), and computes the same sum."""
+  from jax import lax   # pylint: disable=import-outside-toplevel
+  repl = parallel.replicated(parallel.make_mesh())
+  w = jax.device_put(np.linspace(-1, 1, 9 * 4 * 2, dtype=np.float32).reshape(3, 3, 4, 2), repl)
+  x = jax.device_put(np.linspace(-1, 1, 2 * 8 * 8 * 4, dtype=np.float32).reshape(2, 8, 8, 4),
+                     repl)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+  conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn)  # noqa: E731
+  jitted = trace_cache.jit(conv, 'one conv', in_shardings=repl, out_shardings=repl)
+  plain = trace_cache.compile(jitted, x, w)
+  with kernels.using(im2col_max_pixels=64):
+    im2col = trace_cache.compile(jitted, x, w)
+  assert len(_entries(traces)) == 2
+  if jax.default_backend() == 'cpu':
+    assert 'convolution' in plain.as_text() and 'convolution' not in im2col.as_text()
+  np.testing.assert_allclose(im2col(x, w), plain(x, w), rtol=1e-5, atol=1e-5)

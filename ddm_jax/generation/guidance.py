@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddm_jax import kernels
 from ddm_jax.diffusion.samplers import SAMPLERS
 from ddm_jax.diffusion.schedules import alpha_sigma, to_x0_eps
 from ddm_jax.errors import ConfigError
 from ddm_jax.generation.generator import make_generator
 from ddm_jax.generation.prompts import cfg_blend, cfg_parts, per_sample
-from ddm_jax.models import blocks
 from ddm_jax.objective import predicted_noise
 
 GUIDE_KEY = 'guide'  # make_generator hands the per-sample guide pytree to the hook under this key
@@ -205,7 +205,9 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None, vari
     sched = ddm.sched
 
     def guided(x, t):
-      with blocks.im2col_up_to(blocks.IM2COL_MAX_PIXELS_LOOP_GRAD):  # a gradient in a scan
+      k = kernels.current()   # a gradient in a scan: see Kernels.im2col_max_pixels_loop_grad
+      with kernels.using(im2col_max_pixels=max(k.im2col_max_pixels,
+                                               k.im2col_max_pixels_loop_grad)):
         return guided_step(x, t)
 
     def guided_step(x, t):

@@ -4,142 +4,25 @@ Submodule names mirror diffusers' PyTorch attribute paths with `.N` written as
 `_N` (`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`),
 so converting a diffusers state dict is a mechanical renaming (interop/diffusers.py).
 """
-import contextlib
 import functools
-import os
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+
+from ddm_jax import kernels
+from ddm_jax.models.cpu_conv import conv_general_dilated
 
 
 def group_norm(num_groups, eps, name, dtype):
   return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, name=name)
 
 
-# On CPU, 3x3 convolutions on at most this many pixels (4x4) run as im2col + matmul.
-IM2COL_MAX_PIXELS = 16
-# ... and up to 8x8 where a gradient is taken inside a loop (guided sampling's scan): there
-# XLA:CPU lays out an input-gradient convolution's kernel as 01oi, which its fast (YNNPACK)
-# convolution does not take, and guided sampling at 8x8 ran 4x slower (benchmarks/guided.py).
-# Not everywhere: a train step at 8x8 is 15-25 % slower as im2col.
-IM2COL_MAX_PIXELS_LOOP_GRAD = 64
-
-
-@contextlib.contextmanager
-def im2col_up_to(pixels):
-  """Trace the convolutions inside the block with im2col up to `pixels` pixels (the threshold
-  is read at trace time)."""
-  global IM2COL_MAX_PIXELS  # pylint: disable=global-statement
-  saved, IM2COL_MAX_PIXELS = IM2COL_MAX_PIXELS, max(IM2COL_MAX_PIXELS, pixels)
-  try:
-    yield
-  finally:
-    IM2COL_MAX_PIXELS = saved
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-  """`lax.conv_general_dilated`, except on CPU for a 1x1 convolution, or an NHWC input of at
-  most 4x4 pixels or spatially smaller than its kernel (the low levels of a UNet on small
-  latents): that is computed as one matmul over the kernel taps that touch the input
-  (im2col; a 1x1 convolution is a plain matmul), the same sum.
-
-  Why (BENCHMARKS.md): XLA's ConvOperandSwapper swaps the operands of a convolution whose
-  kernel is larger than its input, and the swapped convolution has no fast CPU kernel
-  (0.1-1 GFLOP/s; half of the `small` train step); and at 4x4 and below the input-gradient
-  convolution reverses and transposes the whole kernel every step (a 1x1 convolution's
-  at any size). The matmul reads the HWIO kernel as a [taps*C, O] matrix, without a copy
-  when every tap touches the input; taps that only ever see padding are dropped, so a 1x1
-  input reads only the kernel's centre. Other backends and other convolutions go to
-  `lax.conv_general_dilated` as before."""
-  spatial = lhs.shape[1:-1]
-  plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
-           and all(d == 1 for d in tuple(lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
-           and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                               ('NHWC', 'HWIO', 'NHWC')))
-  pointwise = rhs.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1) and padding in (
-      'VALID', 'SAME', ((0, 0), (0, 0)), [(0, 0), (0, 0)])
-  small = (pointwise or any(s < k for s, k in zip(spatial, rhs.shape[:2]))
-           or spatial[0] * spatial[1] <= IM2COL_MAX_PIXELS) if plain else False
-  if not (small and jax.default_backend() == 'cpu'):
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, precision=precision,
-                                    **kwargs)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(spatial, rhs.shape[:2], window_strides, padding)
-  (plh, phh), (plw, phw) = padding
-  (sh, sw), (h, w), (kh, kw, _, _) = window_strides, spatial, rhs.shape
-  oh, ow = (h + plh + phh - kh) // sh + 1, (w + plw + phw - kw) // sw + 1
-  touches = lambda tap, stride, pad, size, n: any(0 <= tap + stride * q - pad < size
-                                                  for q in range(n))
-  taps = tuple((i, j) for i in range(kh) for j in range(kw)
-               if touches(i, sh, plh, h, oh) and touches(j, sw, plw, w, ow))
-  geometry = ((sh, sw), ((plh, phh), (plw, phw)), (oh, ow), taps)
-  if pointwise:   # the patches are the input and the kernel a reshape: nothing is copied
-    return _im2col_dot(lhs, rhs, geometry, precision, None)
-  return _im2col(lhs, rhs, geometry, precision)
-
-
-_IM2COL_DIMS = (((3,), (0,)), ((), ()))
-
-
-def _tied(x, tie):
-  """`x + tie[0] * 0`: the data dependence that makes XLA compute a copy of `x` when `tie`
-  exists. Without it XLA computes every kernel copy of the network at the program's start
-  (they need only the weights) or hoists them out of a sampler's loop, and merges the
-  backward pass's copies with the forward pass's (XLA:CPU drops optimization barriers
-  before CSE). Float x * 0 is not folded away; a non-finite tie[0] makes the result
-  non-finite, as it would make the result anyway."""
-  return x if tie is None else x + (tie.reshape(-1)[0] * 0).astype(x.dtype)
-
-
-def _im2col_dot(x, rhs, geometry, precision, tie):
-  """The patches of `x` at the kernel taps, [B, oh, ow, taps*C], times those taps of the
-  kernel, [taps*C, O] ((i, j, c) order on both sides)."""
-  (sh, sw), pads, (oh, ow), taps = geometry
-  kh, kw, c, o = rhs.shape
-  xp = jnp.pad(x, ((0, 0),) + pads + ((0, 0),))
-  patches = [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (oh - 1) + 1,
-                                          j + sw * (ow - 1) + 1, c), (1, sh, sw, 1))
-             for i, j in taps]
-  x = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
-  if len(taps) == kh * kw:
-    k = rhs.reshape(kh * kw * c, o)        # no copy
-  else:                                    # a copy (XLA has no views): tied to the input
-    k = _tied(jnp.concatenate([rhs[i, j] for i, j in taps], axis=0) if len(taps) > 1
-              else rhs[taps[0]], tie)
-  return lax.dot_general(x, k, _IM2COL_DIMS, precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _im2col(x, rhs, geometry, precision):
-  """_im2col_dot whose backward pass builds the patches (taps x the input) and the
-  kernel's taps again from the input and the kernel instead of saving the forward pass's:
-  saved, every such copy in the network is live at once (the SD-1.5 LoRA step at 4x4
-  latents: 194 MB of its 220 MB of XLA temporaries were kernel copies, frozen ones too)."""
-  return _im2col_dot(x, rhs, geometry, precision, x)
-
-
-def _im2col_fwd(x, rhs, geometry, precision):
-  return _im2col(x, rhs, geometry, precision), (x, rhs)
-
-
-def _im2col_bwd(geometry, precision, residuals, g):
-  x, rhs = residuals
-  _, vjp = jax.vjp(lambda x, rhs: _im2col_dot(_tied(x, g), rhs, geometry, precision, g), x, rhs)
-  return vjp(g)
-
-
-_im2col.defvjp(_im2col_fwd, _im2col_bwd)
-
-
-def Conv(*args, **kwargs):  # pylint: disable=invalid-name
-  """nn.Conv (same params, same names) with the small-input path above."""
-  return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
+# nn.Conv (same params, same names) whose convolution takes XLA:CPU's slow cases another
+# way (models/cpu_conv.py); on other backends it is lax's. Every conv below is this one.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 class Downsample2D(nn.Module):
@@ -222,19 +105,15 @@ def attention(q, k, v, heads, upcast=False):
   return out.astype(out_dtype).reshape(b, tq, inner)
 
 
-# The attention kernel: 'xla' (the default), 'cudnn' (cuDNN flash attention; GPU, bf16/fp16
-# only) or 'auto' (cuDNN where jax accepts the shapes and dtypes, else XLA). Read from
-# $DDM_JAX_ATTENTION at import; the GPU benchmark (benchmarks/gpu.sh) compares them.
-ATTENTION = os.environ.get('DDM_JAX_ATTENTION', 'xla')
-
-
 def _dot_product_attention(q, k, v, scale):
-  if (ATTENTION in ('cudnn', 'auto') and jax.default_backend() == 'gpu'
+  """XLA's attention, or cuDNN's as `kernels.current().attention` says."""
+  kernel = kernels.current().attention
+  if (kernel in ('cudnn', 'auto') and jax.default_backend() == 'gpu'
       and q.dtype in (jnp.bfloat16, jnp.float16)):
     try:
       return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
     except (NotImplementedError, ValueError):   # shapes/dtypes cuDNN does not take
-      if ATTENTION == 'cudnn':
+      if kernel == 'cudnn':
         raise
   return jax.nn.dot_product_attention(q, k, v, scale=scale)
 
