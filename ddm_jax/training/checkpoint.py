@@ -6,8 +6,18 @@ Each checkpoint also carries sha256 checksums of its state, data position and
 config (item `checksums`), computed from the values in memory when it is saved:
 a restore that reads back anything else (a truncated or edited file) is refused,
 and `restore_latest` moves that checkpoint aside and falls back to the previous one.
+
+The state is checksummed piece by piece: one sha256 per distinct shard of each array, in a
+table that names each piece by its bounds, so a sharded state is checked correctly and a
+restore under another sharding cuts the same pieces from what it holds. `save` only copies
+the pieces to the host (the next step may donate the buffers); a thread hashes them and
+orbax writes the table before it commits. Every read of array data, the whole state or one
+part of it (`restore_part`), goes through `Checkpointer._read`, which checks it.
 """
+import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,6 +59,30 @@ class _IteratorState:
     pass
 
 
+class _ChecksumsHandler(ocp.JsonCheckpointHandler):
+  """Writes the checksums item when its future (the hashing thread's) is done: orbax
+  awaits it, in its background, before it commits the checkpoint."""
+
+  async def _save_fn(self, x, directory):
+    await super()._save_fn(await asyncio.wrap_future(x), directory)
+
+
+@ocp.args.register_with_handler(_ChecksumsHandler, for_save=True)
+@dataclasses.dataclass
+class _ChecksumsSave(ocp.args.CheckpointArgs):
+  item: concurrent.futures.Future
+
+
+@ocp.args.register_with_handler(_ChecksumsHandler, for_restore=True)
+@dataclasses.dataclass
+class _ChecksumsRestore(ocp.args.CheckpointArgs):   # orbax wants one; read as a file instead
+  item: None = None
+
+
+# Hashes checkpoints' pieces off the training loop's thread (hashlib releases the GIL).
+_HASHING = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='ddm_jax checksums')
+
+
 def config_to_json(config):
   return json.loads(json.dumps(config.to_dict() if hasattr(config, 'to_dict') else config))
 
@@ -73,33 +107,123 @@ def _one_line(error, limit=400):
   return text if len(text) <= limit else f'{text[:limit // 2]} ... {text[-limit // 2:]}'
 
 
-def _local(leaf):
-  """A replicated (possibly multi-host) array's copy on this process."""
-  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-    return leaf.addressable_data(0)
-  return leaf
+def _pieces(leaf, copy=True):
+  """{index: host copy} of the distinct pieces of `leaf` this process holds: one per shard
+  index of a jax.Array (a replicated array has one, the whole), the whole of anything else.
+  An index is the text of its slice bounds, e.g. '0:4,0:8'."""
+  if not isinstance(leaf, jax.Array):
+    array = np.asarray(leaf)
+    return {_index_text((slice(None),) * array.ndim, array.shape): array}
+  out = {}
+  for shard in sorted(leaf.addressable_shards, key=lambda s: s.replica_id):
+    out.setdefault(_index_text(shard.index, leaf.shape), shard)
+  # copied (saving): the caller's buffers may be donated to the next step before they are hashed
+  return {k: np.array(jax.device_get(v.data), copy=copy) for k, v in out.items()}
 
 
-def state_digest(state, parts=()):
-  """sha256 over every leaf's path, dtype, shape and bytes. One leaf is on the host at a
-  time, hashed in place (the whole state fetched at once, plus `tobytes`, held a second
-  copy of it on the host: the train state of a full fine-tune on an accelerator).
+def _index_text(index, shape):
+  return ','.join(f'{sl.start or 0}:{n if sl.stop is None else sl.stop}'
+                  for sl, n in zip(index, shape))
 
-  With `parts` (field names of the state), -> {'state': digest, 'parts': {name: digest of
-  that field alone}} from the same pass: a sampler restores and checks one part
-  (`Checkpointer.restore_part`) without reading the optimizer state."""
-  whole = hashlib.sha256()
-  subs = {p: hashlib.sha256() for p in parts if getattr(state, p, None) is not None}
+
+def _bounds(text):
+  return [tuple(map(int, b.split(':'))) for b in text.split(',')] if text else []
+
+
+def _covers(bounds, shape):
+  """True when the pieces at `bounds` (a list of index texts' bounds) tile `shape`."""
+  return sum(int(np.prod([hi - lo for lo, hi in b])) for b in bounds) == int(np.prod(shape))
+
+
+def _piece_digest(array):
+  return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _leaf_name(path):
+  """(field of the train state or None, the path below it): how the table names a leaf."""
+  head = getattr(path[0], 'name', getattr(path[0], 'key', None)) if path else None
+  return head, jax.tree_util.keystr(path[1:] if head is not None else path)
+
+
+def host_pieces(state):
+  """[(field, path, dtype, shape, {index: host copy})] of every leaf: what `shard_digests`
+  hashes. Taken at once (the only part of a save on the caller's thread); a state sharded
+  over several processes is refused: each would hold only its own pieces, and the checksums
+  are written by one (not built)."""
+  out = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    array = np.ascontiguousarray(jax.device_get(_local(leaf)))
-    sub = subs.get(getattr(path[0], 'name', None)) if path else None
-    for h, where in ((whole, path), (sub, path[1:])):
-      if h is not None:
-        h.update(f'{jax.tree_util.keystr(where)}|{array.dtype.str}|{array.shape}\n'.encode())
-        h.update(array.reshape(-1).view(np.uint8))
-  if not parts:
-    return whole.hexdigest()
-  return {'state': whole.hexdigest(), 'parts': {p: h.hexdigest() for p, h in subs.items()}}
+    pieces = _pieces(leaf)
+    shape = tuple(np.shape(leaf))
+    if not _covers([_bounds(k) for k in pieces], shape):
+      raise CheckpointError(f'cannot checksum {jax.tree_util.keystr(path)}: it is sharded over '
+                            'several processes (per-process checksums are not built)')
+    field, below = _leaf_name(path)
+    out.append((field, below, np.dtype(leaf.dtype).str, shape, pieces))
+  return out
+
+
+def shard_digests(pieces, parts=()):
+  """The checksums of a state from `host_pieces`: {'shards': {field: {path: {'dtype', 'shape',
+  index: sha256 of that piece}}}, 'state': digest of that table, 'parts': {field: digest of
+  its part of the table}} for the fields in `parts`. Per piece, so a sharded state is
+  checked piece by piece; the table says which, so a restore under another sharding can
+  cut the same pieces out of its own."""
+  table = {}
+  for field, below, dtype, shape, by_index in pieces:
+    entry = {'dtype': dtype, 'shape': list(shape)}
+    entry.update({k: _piece_digest(v) for k, v in by_index.items()})
+    table.setdefault(str(field), {})[below] = entry
+  return {'shards': table, 'state': json_digest(table),
+          'parts': {p: json_digest({p: table[p]}) for p in parts if p in table}}
+
+
+def _pieces_match(tree, table):
+  """Whether every leaf of `tree` (a state, or {part: part of one}) matches `table`
+  (shard_digests'), each saved piece cut from what this process holds of the leaf."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    field, below = _leaf_name(path)
+    entry = table.get(str(field), {}).get(below)
+    if entry is None or (entry['dtype'], tuple(entry['shape'])) != (np.dtype(leaf.dtype).str,
+                                                                    tuple(np.shape(leaf))):
+      return False
+    held = [(_bounds(k), v) for k, v in _pieces(leaf, copy=False).items()]
+    for index, digest in entry.items():
+      cut = None if index in ('dtype', 'shape') else _cut(_bounds(index), held, leaf)
+      if cut is not None and _piece_digest(cut) != digest:
+        return False
+      # cut None: another process holds this piece and checks it (host_pieces refuses a
+      # state sharded over processes at save, so this is a replicated one)
+      assert cut is not None or index in ('dtype', 'shape') or jax.process_count() > 1
+  return True
+
+
+def _cut(want, held, leaf):
+  """The piece at bounds `want`, cut from a held piece that contains it, else from the
+  whole array (restored under another sharding; held whole only where this process holds
+  all of it); None when this process holds no such piece."""
+  for have, array in held:
+    if all(hl <= lo and hi <= hh for (lo, hi), (hl, hh) in zip(want, have)):
+      return array[tuple(slice(lo - hl, hi - hl) for (lo, hi), (hl, _) in zip(want, have))]
+  if getattr(leaf, 'is_fully_addressable', True):
+    held.append(([(0, n) for n in np.shape(leaf)], np.asarray(jax.device_get(leaf))))
+    return _cut(want, held[-1:], leaf)
+  return None
+
+
+def state_digest(state):
+  """The checksum written before per-piece ones (a checkpoint of an earlier ddm_jax):
+  sha256 over every leaf's path, dtype, shape and bytes, of a state held whole by this
+  process (replicated or fully addressable: asserted)."""
+  whole = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    pieces = _pieces(leaf)
+    if len(pieces) != 1:
+      raise CheckpointError('a checkpoint with whole-state checksums restored sharded: '
+                            'restore it replicated')
+    array = np.ascontiguousarray(next(iter(pieces.values())))
+    whole.update(f'{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}\n'.encode())
+    whole.update(array.reshape(-1).view(np.uint8))
+  return whole.hexdigest()
 
 
 def json_digest(obj):
@@ -139,16 +263,21 @@ class Checkpointer:
                             f'{_one_line(e)}') from e
 
   def save(self, step, state, config, iterator_state=None, force=False):
+    """Starts writing checkpoint `step` (orbax, in the background unless async_save=False).
+    On this thread: the state's pieces copied to the host (as orbax does too); their
+    checksums are computed on another thread and written, by orbax, before it commits."""
     self.wait()  # a failed earlier (async) write stops the run here, naming its step
     self.check_writable()
     config_json = config_to_json(config)
-    checksums = {**state_digest(state, SAMPLED_PARTS), 'config': json_digest(config_json)}
+    pieces = host_pieces(state)
+    extra = {'config': json_digest(config_json)}
     args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config_json)}
     if iterator_state is not None:
       import grain  # pylint: disable=import-outside-toplevel  # 0.4 s sample.py never needs
       args['data'] = grain.checkpoint.CheckpointSave(_IteratorState(iterator_state))
-      checksums['data'] = json_digest(iterator_state)
-    args['checksums'] = ocp.args.JsonSave(checksums)
+      extra['data'] = json_digest(iterator_state)
+    args['checksums'] = _ChecksumsSave(_HASHING.submit(
+        lambda: {**shard_digests(pieces, SAMPLED_PARTS), **extra}))
     self._step = int(step)
     with self._writing():  # also a previous async save's failure, re-raised by orbax here
       saved = self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
@@ -209,57 +338,68 @@ class Checkpointer:
     part): the caller restores the whole state. A sampler needs only its weights: reading
     the optimizer state too, and orbax's metadata of every leaf, was most of a warm
     sample.py's start (BENCHMARKS.md, "Start-up")."""
-    where = os.path.join(self.directory, str(step))
-    digest = ((self._read_json(step, 'checksums', missing_ok=True) or {}).get('parts')
-              or {}).get(part)
-    if digest is None:
+    sums = self._read_json(step, 'checksums', missing_ok=True) or {}
+    if (sums.get('parts') or {}).get(part) is None:
       return None
-    item = {part: abstract}
-    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
-                                          item)
+    return self._read(step, {part: abstract}, sums, part)[part]
+
+  def restore(self, step, abstract_state, with_data=True):
+    """-> (state, iterator_state or None), checked against the checkpoint's checksums. The
+    EMA as `abstract_state` wants it: dropped, or started from the params, where the
+    checkpoint differs (train.ema_decay changed)."""
+    where = os.path.join(self.directory, str(step))
+    saved_config = self.read_config(step)
+    sums = (self._read_json(step, 'checksums') if os.path.isdir(os.path.join(where, 'checksums'))
+            else None)   # None: written before checksums existed
+    saved = _as_saved_ema(abstract_state, where, saved_config)
+    it_state = None
+    if with_data:
+      import grain  # pylint: disable=import-outside-toplevel
+      try:
+        it_state = self.manager.restore(int(step), args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(_IteratorState())))['data'].state
+      except Exception as e:
+        raise CheckpointError(f'checkpoint {where} is damaged, restoring it failed: '
+                              f'{_one_line(e, 240)}') from e
+    state = self._read(step, saved, sums, 'state')
+    checks = [('config', saved_config)] + ([('data', it_state)] if with_data else [])
+    for item, value in checks:
+      if sums is not None and item in sums and sums[item] != json_digest(value):
+        raise CheckpointError(f'checkpoint {where} is corrupt: its {item} does not match the '
+                              'checksum written with it (truncated or modified files)')
+    return _with_wanted_ema(state, abstract_state), it_state
+
+  def _read(self, step, item, sums, what):
+    """The pytree `item` (the whole train state, or {part: abstract}) of checkpoint `step`,
+    into its shapes and shardings, checked against `sums` (the checkpoint's checksums;
+    None: written before checksums, restored unverified with a warning). The one reader
+    of array data: restore and restore_part both come here."""
+    where = os.path.join(self.directory, str(step))
+    part = what != 'state'
     try:
       with ocp.PyTreeCheckpointer() as reader:
         out = reader.restore(epath.Path(where) / 'state', args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))[part]
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=part))
     except Exception as e:
-      raise CheckpointError(f'checkpoint {where} is damaged, restoring its {part} failed: '
+      what_failed = f'restoring its {what} failed' if part else 'restoring it failed'
+      raise CheckpointError(f'checkpoint {where} is damaged, {what_failed}: '
                             f'{_one_line(e, 240)}') from e
-    if state_digest(out) != digest:
-      raise CheckpointError(f'checkpoint {where} is corrupt: its {part} does not match the '
+    if sums is None:
+      print(f'warning: checkpoint {where} has no checksums; restored unverified', file=sys.stderr)
+      return out
+    if 'shards' in sums:
+      table = sums['shards'] if isinstance(sums['shards'], dict) else {}
+      digest = sums.get('parts', {}).get(what) if part else sums.get('state')
+      intact = (digest == json_digest({what: table.get(what)} if part else table)
+                and _pieces_match(out, table))
+    else:  # whole-state checksums (an earlier ddm_jax)
+      intact = (sums['parts'][what] if part else sums.get('state')) == state_digest(
+          out[what] if part else out)
+    if not intact:
+      raise CheckpointError(f'checkpoint {where} is corrupt: its {what} does not match the '
                             'checksum written with it (truncated or modified files)')
     return out
-
-  def restore(self, step, abstract_state, with_data=True):
-    """-> (state, iterator_state or None), checked against the checkpoint's checksums."""
-    where = os.path.join(self.directory, str(step))
-    has_sums = os.path.isdir(os.path.join(where, 'checksums'))
-    wanted, saved_config = abstract_state, self.read_config(step)
-    abstract_state = _as_saved_ema(abstract_state, where, saved_config)
-    args = {'state': ocp.args.StandardRestore(abstract_state)}
-    if with_data:
-      import grain  # pylint: disable=import-outside-toplevel
-      args['data'] = grain.checkpoint.CheckpointRestore(_IteratorState())
-    if has_sums:
-      args['checksums'] = ocp.args.JsonRestore()
-    try:
-      out = self.manager.restore(int(step), args=ocp.args.Composite(**args))
-    except Exception as e:
-      raise CheckpointError(f'checkpoint {where} is damaged, restoring it failed: '
-                            f'{_one_line(e, 240)}') from e
-    state, it_state = out['state'], (out['data'].state if with_data else None)
-    if not has_sums:  # written before checksums existed
-      print(f'warning: checkpoint {where} has no checksums; restored unverified', file=sys.stderr)
-      return _with_wanted_ema(state, wanted), it_state
-    sums = out['checksums'] if isinstance(out['checksums'], dict) else {}
-    checks = [('state', lambda: state_digest(state)),
-              ('config', lambda: json_digest(saved_config))]
-    if with_data and 'data' in sums:
-      checks.append(('data', lambda: json_digest(it_state)))
-    for item, digest in checks:
-      if sums.get(item) != digest():
-        raise CheckpointError(f'checkpoint {where} is corrupt: its {item} does not match the '
-                              'checksum written with it (truncated or modified files)')
-    return _with_wanted_ema(state, wanted), it_state
 
   def restore_latest(self, abstract_state, check_config=None, with_data=True):
     """-> (step, state, iterator_state) of the newest intact checkpoint; (None, None, None)
