@@ -1,6 +1,7 @@
 # make demo : train a DDM on the embedded biased digits, then sample it unguided and guided,
 #             side by side with their FD (creates .venv)
 # make test : the whole test suite (what .ci/run runs)
+# make test-fast: the tests not marked slow (no subprocesses, PyTorch or Stable Diffusion)
 # make bench: JAX vs the PyTorch reference, one JSON line per preset (BENCHMARKS.md;
 #             BENCH_ARGS='small --rounds 5' picks presets/options)
 PYTHON ?= python3
@@ -15,7 +16,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # it slowed the PyTorch train step there, and the table gives both settings.
 THP := GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 # Installs hold to constraints.txt, the tested lock (setup.cfg's ranges are wider).
 $(VENV)/.core: setup.cfg pyproject.toml constraints.txt
@@ -41,6 +42,9 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 --dist loadfile -m 'not slow' tests
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

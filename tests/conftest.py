@@ -1,6 +1,7 @@
 """Puts the repository root on sys.path so `pytest` works without installing the package;
 holds the fixtures that several test files share."""
 import os
+import re
 import socket
 import sys
 
@@ -24,3 +25,27 @@ def no_network(monkeypatch):
     raise AssertionError(f'network access attempted: {args[1:]!r}')
   monkeypatch.setattr(socket.socket, 'connect', refuse)
   monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+
+
+# Markers (registered in setup.cfg), put on every test of a file by what the file does, so a
+# new test file is marked without a list to keep: `subprocess` (it starts interpreters),
+# `torch` (it imports PyTorch), `sd` (it builds a Stable Diffusion pipeline or folder);
+# `slow`, any of these. `make test-fast` runs the rest (-m 'not slow').
+_FILE_MARKS = {
+    'subprocess': re.compile(r'\bsubprocess\b|\brun_python\(|\bPopen\('),
+    'torch': re.compile(r'^\s*(import torch|from torch\b)|importorskip\([\'"]torch', re.M),
+    'sd': re.compile(r'\bsd_helpers\b|\bsd_folder\b'),
+}
+_marks_of = {}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    path = str(item.fspath)
+    if path not in _marks_of:
+      with open(path, encoding='utf-8') as f:
+        text = f.read()
+      _marks_of[path] = [m for m, sign in _FILE_MARKS.items() if sign.search(text)]
+    marks = set(_marks_of[path]) | {m.name for m in item.iter_markers()}
+    for name in _marks_of[path] + (['slow'] if marks & set(_FILE_MARKS) else []):
+      item.add_marker(name)
