@@ -2,6 +2,7 @@
 digits folder, `rel_err`, and subprocess runners (every subprocess is bounded by a timeout,
 never uses the network)."""
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ DIGITS = os.path.join(REPO, 'configs', 'digits.py')
 _DATA_DIR = {}
 
 
-def _compile_cache_dir():
+@functools.lru_cache(maxsize=None)
+def compile_cache_dir():
   """One persistent XLA compilation cache for this test session and its subprocesses:
   the same tiny train step is compiled by several tests and CLIs, and an XLA compile
   takes tens of seconds on a loaded 2-core machine. $DDM_TEST_COMPILE_CACHE keeps it
@@ -37,20 +39,20 @@ def _compile_cache_dir():
   return path
 
 
-COMPILE_CACHE = _compile_cache_dir()
-_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': COMPILE_CACHE,
-              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-              'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+def _cache_env():
+  return {'JAX_COMPILATION_CACHE_DIR': compile_cache_dir(),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
 
 def enable_compile_cache():
+  """Every program of this process cached in compile_cache_dir() (tests/conftest.py calls
+  it when the session starts; a worker script calls it itself)."""
   import jax  # pylint: disable=import-outside-toplevel
-  jax.config.update('jax_compilation_cache_dir', COMPILE_CACHE)
+  jax.config.update('jax_compilation_cache_dir', compile_cache_dir())
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
-
-enable_compile_cache()
 
 
 def digits_config(data_dir='', **overrides):
@@ -182,7 +184,7 @@ def subprocess_env(num_devices=None, fast_compile=False):
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['PYTHONUNBUFFERED'] = '1'
-  env.update(_CACHE_ENV)
+  env.update(_cache_env())
   env.pop('DDM_DATA_DIR', None)
   return env
 

@@ -32,7 +32,6 @@ from ddm_jax.errors import ConfigError, DataError, WeightsError
 from ddm_jax.interop import diffusers as interop
 from ddm_jax import parallel
 from tests.helpers import REPO, assert_one_line_error, run_python
-from tests.sd_folder import write_tiny_pipeline
 
 DIGITS = os.path.join(REPO, 'configs', 'digits.py')
 SD = os.path.join(REPO, 'configs', 'sd15_lora.py')
@@ -465,16 +464,6 @@ def test_corrupted_image_bytes_load_or_raise_data_error(tmp_path, kind, draw):
 
 
 # ----------------------------------------------------------------------------- diffusers folders
-
-@pytest.fixture(scope='module')
-def tiny_sd(tmp_path_factory):
-  return write_tiny_pipeline(str(tmp_path_factory.mktemp('sd') / 'pipe'))
-
-
-@pytest.fixture
-def pipe(tiny_sd, tmp_path):
-  return shutil.copytree(tiny_sd, tmp_path / 'pipe')
-
 
 def _edit_json(path, fn):
   with open(path) as f:

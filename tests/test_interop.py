@@ -3,7 +3,6 @@ legacy key names) and the errors for bad weights. Needs no torch: checkpoints ar
 written from our own params by tests/sd_folder.py."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,21 +15,9 @@ from safetensors.numpy import load_file, save_file
 
 from ddm_jax.errors import WeightsError
 from ddm_jax.interop import diffusers as interop
-from tests.sd_folder import write_tiny_pipeline
 
 TEXT = 'text_encoder/model.safetensors'
 VAE = 'vae/diffusion_pytorch_model.safetensors'
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  return write_tiny_pipeline(str(tmp_path_factory.mktemp('sd') / 'pipe'))
-
-
-@pytest.fixture
-def pipe(tiny, tmp_path):
-  """A private copy of the tiny pipeline to break."""
-  return shutil.copytree(tiny, tmp_path / 'pipe')
 
 
 def edit(path, fn):
@@ -44,15 +31,15 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_pipeline_loads_and_round_trips(tiny):
-  sd = interop.load_pipeline(tiny)
+def test_pipeline_loads_and_round_trips(tiny_sd):
+  sd = interop.load_pipeline(tiny_sd)
   assert sd.scheduler_config['beta_schedule'] == 'scaled_linear'
   assert sd.unet.cross_attention_dim == sd.text_encoder.hidden_size
   ids = sd.tokenizer(['a photo of a human face', 'A CAT'])
   assert ids.shape == (2, 77) and ids.dtype == np.int32
   assert ids[0, 0] == sd.tokenizer.bos_token_id and ids[1, 3] == sd.tokenizer.eos_token_id
   # params -> PyTorch state dict -> file -> params is the identity
-  state = load_file(os.path.join(tiny, 'unet/diffusion_pytorch_model.safetensors'))
+  state = load_file(os.path.join(tiny_sd, 'unet/diffusion_pytorch_model.safetensors'))
   exported = interop.params_to_state_dict(sd.unet_params)
   assert exported.keys() == state.keys()
   for k in state:
@@ -190,11 +177,11 @@ def test_unsupported_config(pipe):
       interop.load_unet(pipe)
 
 
-def test_loading_needs_no_torch(tiny):
+def test_loading_needs_no_torch(tiny_sd):
   code = f"""
 import sys
 from ddm_jax.interop.diffusers import load_pipeline
-sd = load_pipeline({tiny!r})
+sd = load_pipeline({tiny_sd!r})
 sd.tokenizer('a photo')
 heavy = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]
 assert not heavy, heavy
