@@ -13,7 +13,6 @@ import itertools
 import os
 
 import jax
-from jax._src import distributed as _distributed  # the coordination service's barrier
 from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -71,8 +70,11 @@ def spans_processes(mesh):
 def meet(name, timeout_s=BARRIER_TIMEOUT_S):
   """Every process waits here until all have arrived (no-op for one process)."""
   if jax.process_count() > 1:
-    _distributed.global_state.client.wait_at_barrier(
-        f'ddm_jax {next(_meetings)} {name}', timeout_in_ms=int(timeout_s * 1000))
+    # jax has no public barrier on its coordination service; orbax (a dependency already)
+    # wraps it. Imported here: a one-process command need not import orbax for this.
+    from orbax.checkpoint import multihost  # pylint: disable=import-outside-toplevel
+    multihost.get_barrier_sync_fn()(key=f'ddm_jax {next(_meetings)} {name}',
+                                    timeout_ms=int(timeout_s * 1000))
 
 
 def compile_and_meet(jitted, *args, name, mesh=None):

@@ -236,6 +236,7 @@ class Checkpointer:
     self.corrupt_directory = os.path.abspath(os.path.join(workdir, 'corrupt_checkpoints'))
     self._step = None  # step of the last save started (named when a write fails)
     self._pending = None  # that step, until its completion is checked
+    self._async = async_save
     try:
       self.manager = ocp.CheckpointManager(
           self.directory,
@@ -276,11 +277,24 @@ class Checkpointer:
       import grain  # pylint: disable=import-outside-toplevel  # 0.4 s sample.py never needs
       args['data'] = grain.checkpoint.CheckpointSave(_IteratorState(iterator_state))
       extra['data'] = json_digest(iterator_state)
-    args['checksums'] = _ChecksumsSave(_HASHING.submit(
-        lambda: {**shard_digests(pieces, SAMPLED_PARTS), **extra}))
+    digests = concurrent.futures.Future()
+    args['checksums'] = _ChecksumsSave(digests)
+
+    def hash_pieces():
+      try:
+        digests.set_result({**shard_digests(pieces, SAMPLED_PARTS), **extra})
+      except BaseException as e:  # pylint: disable=broad-except  # orbax re-raises it
+        digests.set_exception(e)
+
+    if not self._async:   # orbax's save waits for the digests before it returns
+      hash_pieces()
     self._step = int(step)
-    with self._writing():  # also a previous async save's failure, re-raised by orbax here
-      saved = self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    try:
+      with self._writing():  # also a previous async save's failure, re-raised by orbax here
+        saved = self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    finally:   # started only now (orbax's own blocking part has the cores to itself), always
+      if self._async:
+        _HASHING.submit(hash_pieces)
     self._pending = int(step)
     return saved
 
