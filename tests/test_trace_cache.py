@@ -342,3 +342,23 @@ def test_the_im2col_threshold_changes_the_cached_program(traces):
   if jax.default_backend() == 'cpu':
     assert 'convolution' in plain.as_text() and 'convolution' not in im2col.as_text()
   np.testing.assert_allclose(im2col(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_a_changed_config_field_the_sampler_reads_is_another_program(tiny, traces):
+  """The sampler of the tiny model, warm in the cache; the same model with another noise
+  schedule (diffusion.beta_end, read while the sampler is traced): the program run gives
+  that schedule's images, those of the sampler compiled without the cache, not the stored
+  program's."""
+  config, _ = tiny
+  setup = TrainSetup(build_ddm(config), config)
+  params, frozen = setup.init_state().params, setup.frozen()
+  images = {}
+  for beta_end, folder in ((0.02, str(traces)), (0.04, str(traces)), (0.04, None)):
+    changed = config.copy_and_resolve_references()
+    changed.diffusion.beta_end = beta_end
+    trace_cache.configure(folder)
+    gen = make_generator(build_ddm(changed), setup.mesh, 'ddim', 3)
+    images[beta_end, folder] = np.asarray(gen(params, frozen, jax.random.key(1), 8))
+  trace_cache.configure(str(traces))
+  assert not np.array_equal(images[0.04, str(traces)], images[0.02, str(traces)])
+  assert np.array_equal(images[0.04, str(traces)], images[0.04, None])
