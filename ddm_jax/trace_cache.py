@@ -11,6 +11,12 @@ it has just serialized, read back), so XLA's cache hits as well. The compiled ex
 stored beside its entry too (`NAME.exe`, keyed also on the XLA flags and the processor), so
 a warm start neither lowers the program nor looks it up in XLA's cache.
 
+On by default, with XLA's cache: a warm digits train.py starts in 0.12-0.13 of its cold
+time with it (BENCHMARKS.md, "Start-up"), and a stale hit needs a value read while tracing
+that is in none of the key's parts: the sources, the kernels, the description (a config's
+host-only keys are checked to lower to the same programs, tests/test_step_hyperparameters.py)
+and the arguments.
+
 `jit(fun, description, **jit_kw)` is `jax.jit(fun, **jit_kw)` that remembers how it was made;
 `trace(jitted, *args)` gives `.out_info` and `.compile()` as `jitted.trace(*args)` would.
 A description must name everything `fun` closes over that is not one of its arguments;
