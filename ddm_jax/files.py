@@ -1,8 +1,10 @@
 """Atomic file writes: readers (and a killed run) see the old file or the new, never half."""
 import contextlib
+import errno
 import json
 import os
 import re
+import tempfile
 import zipfile
 
 import numpy as np
@@ -35,6 +37,24 @@ def atomic_path(path):
     if isinstance(e, OSError) and e.filename is None:  # a full disk fails a write() unnamed
       raise OSError(e.errno, e.strerror or str(e), path) from e
     raise
+
+
+def check_writable_dir(path):
+  """Raises an OSError naming `path` unless files can be written in folder `path`: it is a
+  folder that takes a new file or, if it does not exist yet, the nearest existing folder
+  above it is. Creates nothing (a probe file is removed at once). Commands call it on
+  their output before their long work, which would otherwise fail only at the end."""
+  where = os.path.abspath(os.path.expanduser(path))
+  while not os.path.lexists(where) and os.path.dirname(where) != where:
+    where = os.path.dirname(where)
+  if not os.path.isdir(where):
+    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+  try:
+    fd, probe = tempfile.mkstemp(prefix='.write_probe_', dir=where)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(e.errno, e.strerror or str(e), path) from e
 
 
 def write_text(path, text):

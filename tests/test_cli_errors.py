@@ -244,26 +244,119 @@ def test_sample_into_a_path_under_a_file(plain_model, tmp_path):
   assert blocker.read_text() == 'x' and os.listdir(tmp_path) == ['a_file']
 
 
-def test_sample_into_a_folder_that_refuses_writes(plain_model, tmp_path):
-  """A real refusal (an immutable folder: root ignores modes): one line, nothing written."""
-  locked = tmp_path / 'locked'
-  locked.mkdir()
+@contextlib.contextmanager
+def refusing_writes(folder):
+  """`folder` (made) refusing new files while inside: read-only, or immutable as root
+  (root ignores modes)."""
+  folder.mkdir(parents=True, exist_ok=True)
   if os.geteuid() != 0:
-    os.chmod(locked, 0o555)
-    undo = lambda: os.chmod(locked, 0o755)  # pylint: disable=unnecessary-lambda-assignment
-  elif shutil.which('chattr') and subprocess.run(['chattr', '+i', str(locked)],
+    os.chmod(folder, 0o555)
+    undo = lambda: os.chmod(folder, 0o755)  # pylint: disable=unnecessary-lambda-assignment
+  elif shutil.which('chattr') and subprocess.run(['chattr', '+i', str(folder)],
                                                   capture_output=True, check=False).returncode == 0:
-    undo = lambda: subprocess.run(['chattr', '-i', str(locked)], check=True)  # pylint: disable=unnecessary-lambda-assignment
+    undo = lambda: subprocess.run(['chattr', '-i', str(folder)], check=True)  # pylint: disable=unnecessary-lambda-assignment
   else:
     pytest.skip('running as root without chattr +i: cannot make a folder refuse writes')
   try:
+    yield folder
+  finally:
+    undo()
+
+
+def refused(line):
+  return 'not permitted' in line or 'Permission denied' in line
+
+
+def test_sample_into_a_folder_that_refuses_writes(plain_model, tmp_path):
+  """A real refusal (an immutable folder: root ignores modes): one line, nothing written."""
+  with refusing_writes(tmp_path / 'locked') as locked:
     line = one_line_error(_module('sample').main,
                           ['--workdir', plain_model, '--num_samples=2', '--steps=2',
                            f'--output={locked}/out', '--no_progress'], f'{locked}/out')
-  finally:
-    undo()
-  assert 'not permitted' in line or 'Permission denied' in line, line
+  assert refused(line), line
   assert os.listdir(locked) == []
+
+
+def _never(*args, **kwargs):
+  raise AssertionError('the long work started before the output was checked')
+
+
+@pytest.mark.parametrize('name, work, argv', [
+    ('evaluate', 'evaluate_workdir', ['--out_dir={out}']),
+    ('sample', 'load_trained', ['--output={out}']),
+    ('export', 'load_trained', ['--output={out}']),
+    ('compare', 'before_after', ['--out={out}/pic.png']),
+])
+def test_an_output_under_a_file_fails_before_the_work(name, work, argv, tmp_path, monkeypatch):
+  """The output location is checked first: one line naming it, before the model loads,
+  the evaluator trains or a sample is drawn, and nothing written."""
+  monkeypatch.setattr(_module(name), work, _never)
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  out = f'{blocker}/sub'
+  one_line_error(_module(name).main, [f'--workdir={tmp_path / "w"}'] +
+                 [a.format(out=out) for a in argv], out, 'Not a directory')
+  assert os.listdir(tmp_path) == ['a_file']
+
+
+@pytest.mark.parametrize('sub', ['', 'checkpoints', 'tensorboard'])
+def test_train_into_a_workdir_that_refuses_writes(sub, tmp_path, monkeypatch):
+  """A workdir, or its checkpoints/ (orbax) or tensorboard/ (tensorboardX) folder, that
+  refuses writes: one line naming it before any data or model work (tensorboardX would
+  only fail after the first steps), nothing written."""
+  monkeypatch.setattr(_module('train'), 'train', _never)
+  workdir = tmp_path / 'run'
+  with refusing_writes(workdir / sub) as locked:
+    line = one_line_error(_module('train').main, [f'--config={DIGITS}', f'--workdir={workdir}'],
+                          f'{locked if sub else workdir}: ')
+  assert refused(line), line
+  assert sorted(os.listdir(workdir)) == ([sub] if sub else [])
+
+
+def test_regime_base_and_finetunes_must_share_the_unet(tmp_path, monkeypatch):
+  """A UNet changed for the fine-tunes only fails before the base trains, saying how."""
+  monkeypatch.setattr(_module('regime'), 'Runner', _never)
+  one_line_error(_module('regime').main, [f'--out={tmp_path / "r"}', '--quick',
+                                          '--config.model.layers_per_block=2'],
+                 'model.layers_per_block', '--base_config.model.layers_per_block')
+  assert not (tmp_path / 'r').exists()
+
+
+# ----------------------------------------------------------------------------- quiet, verbose
+
+def test_quiet_leaves_only_the_result_line(plain_model, tmp_path, capsys):
+  """A tiny sampling job: its progress bar and notes without --quiet, only its final line
+  with it (the bar goes even without --no_progress); stdout is the caller's again after."""
+  sample = _module('sample').main
+  argv = ['--workdir', plain_model, '--num_samples=2', '--steps=2']
+  assert sample(argv + [f'--output={tmp_path / "loud"}']) == 0
+  loud = capsys.readouterr()
+  assert 'sampling' in loud.err or '%' in loud.err, loud   # the bar
+  stdout = sys.stdout
+  assert sample(argv + [f'--output={tmp_path / "quiet"}', '--quiet']) == 0
+  quiet = capsys.readouterr()
+  assert quiet.err == '' and quiet.out.splitlines() == [
+      f'wrote 2 PNGs, samples.npz and grid.png to {tmp_path / "quiet"}'], quiet
+  assert sys.stdout is stdout and not common.quiet()
+
+
+def test_verbose_shows_info_logs_and_is_undone(capsys):
+  """--verbose: absl INFO lines reach stderr while the command runs, not after it."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+  @common.cli
+  def command(argv):
+    common.parse(common.make_parser('train', 'x'), argv, compilation_cache=False)
+    absl_logging.info('detail for --verbose')
+    common.result('the result')
+  assert command(['--verbose']) == 0
+  out = capsys.readouterr()
+  assert 'detail for --verbose' in out.err and out.out == 'the result\n'
+  assert command(['--quiet']) == 0
+  assert capsys.readouterr() == ('the result\n', '')
+  absl_logging.info('after the command')
+  assert 'after the command' not in capsys.readouterr().err
+  one_line_error(command, ['--quiet', '--verbose'], 'not allowed with')
 
 
 # ----------------------------------------------------------------------------- docs

@@ -1,11 +1,13 @@
 """The package as a user installs it: a wheel built from the checkout's tracked files,
 installed into a fresh virtual environment outside the checkout, and a tiny train ->
-sample -> evaluate through the console scripts from another folder, with a shipped config
-named, not given as a path (a regime run is too long for a test: its summary step shows
-that its default configs are found).
+sample -> evaluate -> regime through the console scripts from another folder, with a
+shipped config named, not given as a path (regime finds its two default configs by name:
+its base and fine-tunes get the tiny UNet by --base_config.KEY / --config.KEY, and its
+grid is --quick cut to one plain and one guided DDM model of a few steps each).
 
 The fresh environment reuses the test environment's dependencies (a .pth line; nothing is
 downloaded) and gets ddm_jax only from the wheel: the checkout is never on its path."""
+import json
 import os
 import shutil
 import subprocess
@@ -63,17 +65,14 @@ def test_wheel_installs_commands_and_configs(installed, tmp_path):
                'prepare-sd-digits'):
     out = _run([str(bin_dir / f'ddm-{name}'), '--version'], tmp_path, env).stdout
     assert out.startswith(f'ddm-{name} (ddm_jax) '), out
-  # regime's default configs (digits_base, digits) are found from here: its summary of an
-  # empty folder loads both
-  _run([str(bin_dir / 'ddm-regime'), '--quick', '--summary_only', '--out=regime'], tmp_path, env)
-  assert (tmp_path / 'regime' / 'summary.md').is_file()
 
 
-def test_train_sample_evaluate_from_another_folder(installed, tmp_path, data_dir):
+def test_train_sample_evaluate_regime_from_another_folder(installed, tmp_path, data_dir):
   bin_dir, env = installed
   config = tiny_config(data_dir)
-  _run([str(bin_dir / 'ddm-train'), '--config=digits', '--workdir=run', '--no_progress']
-       + config_overrides(config, TINY_KEYS), tmp_path, env)
+  tiny = config_overrides(config, TINY_KEYS)
+  _run([str(bin_dir / 'ddm-train'), '--config=digits', '--workdir=run', '--no_progress'] + tiny,
+       tmp_path, env)
   assert (tmp_path / 'run' / 'metrics.jsonl').is_file()
   _run([str(bin_dir / 'ddm-sample'), '--workdir=run', '--num_samples=4', '--steps=2',
         '--no_progress'], tmp_path, env)
@@ -82,3 +81,18 @@ def test_train_sample_evaluate_from_another_folder(installed, tmp_path, data_dir
               '--evaluator_steps=30', '--accuracy_floor=0', '--no_progress',
               f'--cache_dir={tmp_path / "eval_cache"}'], tmp_path, env).stdout
   assert 'FD' in out and (tmp_path / 'run' / 'eval' / 'report.json').is_file()
+  # the tiny UNet for the base and the fine-tunes; the regime sets their steps, checkpoints
+  # and sampling itself
+  unet = [a for a in tiny if not a.startswith(('--config.train.num_steps', '--config.sample',
+                                               '--config.train.checkpoint_every'))]
+  out = _run([str(bin_dir / 'ddm-regime'), '--quick', '--out=regime', '--quiet',
+              '--methods=plain,ddm+guide', '--scales=2', '--base_steps=2', '--finetune_steps=2',
+              '--num_samples=16', '--dev_num_samples=16', '--quality_n=2', '--sample_steps=2']
+             + unet + [a.replace('--config.', '--base_config.', 1) for a in unet], tmp_path,
+             {**env, 'DDM_EVAL_CACHE': str(tmp_path / 'eval_cache')}).stdout
+  assert out.startswith('# DDM in the paper') and 'DDM alpha 0.05' in out, out
+  assert out.splitlines()[-1].endswith(f'results in {tmp_path / "regime"}'), out
+  with open(tmp_path / 'regime' / 'results.jsonl', encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  assert {r['method'] for r in rows} == {'plain', 'ddm', 'ddm+guide'}
+  assert {r['split'] for r in rows} == {'dev', 'test'}

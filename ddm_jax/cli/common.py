@@ -1,12 +1,15 @@
 """What every command line shares: the error wrapper, the argument parser (`make_parser`:
 defaults shown, --version, a bad argument is one line), the `--config.KEY=VALUE` parser
-and `parse`, which every command's arguments go through: it adds the compilation-cache
-flags and switches JAX's persistent compilation cache on before anything is compiled."""
+and `parse`, which every command's arguments go through: it adds --quiet/--verbose (and
+sets them up: `result` prints what --quiet keeps) and the compilation-cache flags, and
+switches JAX's persistent compilation cache on before anything is compiled."""
 import argparse
 import dataclasses
 import functools
+import logging
 import os
 import sys
+import warnings
 
 import ddm_jax
 from ddm_jax.config import apply_overrides, load_config_file, shipped_configs, validate
@@ -63,13 +66,14 @@ def os_error_line(e):
   return f'{" -> ".join(os.fsdecode(p) for p in paths)}: {reason}' if paths else reason
 
 
-def split_overrides(argv):
-  """`--config.a.b=V` (or `--config.a.b V`) -> ({'a.b': 'V'}, remaining argv)."""
-  overrides, rest, i = {}, [], 0
+def split_overrides(argv, flag='config'):
+  """`--config.a.b=V` (or `--config.a.b V`) -> ({'a.b': 'V'}, remaining argv); `flag`
+  names another config flag (regime's base_config)."""
+  overrides, rest, i, prefix = {}, [], 0, f'--{flag}.'
   while i < len(argv):
     arg = argv[i]
-    if arg.startswith('--config.'):
-      key, eq, value = arg[len('--config.'):].partition('=')
+    if arg.startswith(prefix):
+      key, eq, value = arg[len(prefix):].partition('=')
       if not eq:
         if i + 1 >= len(argv):
           raise DDMError(f'{arg} needs a value')
@@ -116,20 +120,90 @@ def default_cache_dir():
   return os.path.join(base, 'ddm_jax', 'jax_cache')
 
 
-def parse(parser, argv, known=False):
-  """`parser.parse_args(argv)` (`parse_known_args` with `known`) with --jax_cache_dir and
-  --no_jax_cache added, then `use_compilation_cache`: every command line parses through
-  this, so each has the same switch and the cache is on before its first compile."""
-  group = parser.add_argument_group('compilation cache')
-  group.add_argument('--jax_cache_dir', default=None,
-                     help=f'persistent XLA compilation cache (default ${CACHE_ENV}, else '
-                          f'{default_cache_dir()}): a second run starts in seconds')
-  group.add_argument('--no_jax_cache', action='store_true',
-                     help='compile everything afresh, without the persistent cache')
+def parse(parser, argv, known=False, compilation_cache=True):
+  """`parser.parse_args(argv)` (`parse_known_args` with `known`) with --quiet/--verbose
+  and (unless not `compilation_cache`: a command that compiles nothing) --jax_cache_dir and
+  --no_jax_cache added, then `set_verbosity` and `use_compilation_cache`: every command
+  line parses through this, so each has the same switches and the cache is on before its
+  first compile."""
+  output = parser.add_argument_group('output').add_mutually_exclusive_group()
+  output.add_argument('--quiet', '-q', action='store_true',
+                      help='print only errors and the final result line(s): no progress '
+                      'bars, notes, warnings or log lines')
+  output.add_argument('--verbose', '-v', action='store_true',
+                      help="also print the libraries' INFO log lines (absl, JAX, orbax, TFDS)")
+  if compilation_cache:
+    group = parser.add_argument_group('compilation cache')
+    group.add_argument('--jax_cache_dir', default=None,
+                       help=f'persistent XLA compilation cache (default ${CACHE_ENV}, else '
+                            f'{default_cache_dir()}): a second run starts in seconds')
+    group.add_argument('--no_jax_cache', action='store_true',
+                       help='compile everything afresh, without the persistent cache')
   parsed = parser.parse_known_args(argv) if known else parser.parse_args(argv)
   args = parsed[0] if known else parsed
-  use_compilation_cache(args.jax_cache_dir, enabled=not args.no_jax_cache)
+  set_verbosity(args)
+  if compilation_cache:
+    use_compilation_cache(args.jax_cache_dir, enabled=not args.no_jax_cache)
   return parsed
+
+
+# What set_verbosity changed, undone by `cli` when its command returns: 'result' is the
+# stream `result` prints to (stdout as it was), 'undo' the changes in reverse order.
+_OUTPUT = {'result': None, 'quiet': False, 'undo': []}
+
+
+def set_verbosity(args):
+  """--quiet: stdout swallowed (all but `result`'s lines), progress bars off (implies
+  --no_progress), Python warnings and every log line below ERROR dropped. --verbose: log
+  lines from INFO up (absl's, JAX's, orbax's, TFDS's) to stderr. Neither: as it was."""
+  undo = _OUTPUT['undo']
+  _OUTPUT['result'], _OUTPUT['quiet'] = sys.stdout, bool(getattr(args, 'quiet', False))
+  if not (getattr(args, 'quiet', False) or getattr(args, 'verbose', False)):
+    return
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  root = logging.getLogger()
+  old_level, old_absl = root.level, absl_logging.get_verbosity()
+  undo.append(lambda: (root.setLevel(old_level), absl_logging.set_verbosity(old_absl)))
+  if args.quiet:
+    root.setLevel(logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    filters = warnings.filters[:]
+    warnings.simplefilter('ignore')
+    undo.append(lambda: warnings.filters.__setitem__(slice(None), filters))
+    stdout = sys.stdout
+    devnull = open(os.devnull, 'w', encoding='utf-8')  # pylint: disable=consider-using-with
+    sys.stdout = devnull
+    undo.append(lambda: (setattr(sys, 'stdout', stdout), devnull.close()))
+    if hasattr(args, 'no_progress'):
+      args.no_progress = True
+  else:
+    root.setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.INFO)
+    # Python's last-resort handler shows WARNING and up only; a library's basicConfig
+    # (one plain StreamHandler) shows every level the loggers pass
+    # pylint: disable-next=unidiomatic-typecheck
+    if not any(type(h) is logging.StreamHandler for h in root.handlers):
+      handler = logging.StreamHandler(sys.stderr)
+      handler.setFormatter(logging.Formatter('%(levelname)s:%(name)s:%(message)s'))
+      root.addHandler(handler)
+      undo.append(lambda: root.removeHandler(handler))
+
+
+def restore_verbosity():
+  while _OUTPUT['undo']:
+    _OUTPUT['undo'].pop()()
+  _OUTPUT['result'], _OUTPUT['quiet'] = None, False
+
+
+def quiet():
+  """True while a command runs with --quiet."""
+  return _OUTPUT['quiet']
+
+
+def result(*lines):
+  """A command's final result line(s): printed with --quiet too."""
+  stream = _OUTPUT['result'] or sys.stdout
+  print(*lines, sep='\n', file=stream, flush=True)
 
 
 def use_compilation_cache(cache_dir=None, enabled=True):
@@ -160,7 +234,8 @@ def use_compilation_cache(cache_dir=None, enabled=True):
     try:
       os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
-      print(f'note: no compilation cache ({cache_dir}: {e.strerror})', file=sys.stderr)
+      if not quiet():
+        print(f'note: no compilation cache ({cache_dir}: {e.strerror})', file=sys.stderr)
       return None
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
@@ -183,6 +258,8 @@ def cli(fn):
     except KeyboardInterrupt:
       print('interrupted', file=sys.stderr)
       return 130
+    finally:
+      restore_verbosity()
   return wrapper
 
 

@@ -1,10 +1,12 @@
 """python -m ddm_jax.cli.compare: a trained DDM sampled unguided and with indicator guidance,
 side by side with their FD (`ddm_jax.experiments.before_after`; the end of `make demo`)."""
+import os
 import sys
 
-from ddm_jax.cli.common import cli, make_parser, parse
+from ddm_jax.cli.common import cli, make_parser, parse, result
 from ddm_jax.errors import ConfigError
 from ddm_jax.experiments.before_after import before_after
+from ddm_jax.files import check_writable_dir
 
 
 def build_parser():
@@ -30,8 +32,11 @@ def main(argv):
   args = parse_args(argv)
   if args.num_samples < 8:
     raise ConfigError(f'--num_samples must be >= 8, got {args.num_samples}')
+  for folder in (os.path.join(args.workdir, 'eval', 'before_after'),  # before either half runs
+                 os.path.dirname(os.path.abspath(args.out)) if args.out else args.workdir):
+    check_writable_dir(folder)
   before_after(args.workdir, args.guidance_scale, args.num_samples, args.seed, args.out,
-               steps=args.steps)
+               steps=args.steps, log=result)
 
 
 if __name__ == '__main__':

@@ -3,11 +3,12 @@ import os
 import sys
 
 from ddm_jax.cli.common import (add_guidance_flags, add_progress_flag, cli, guidance_scale,
-                                host_split, make_parser, parse)
+                                host_split, make_parser, parse, result)
 from ddm_jax.diffusion.samplers import SAMPLERS
 from ddm_jax.errors import ConfigError
 from ddm_jax.evaluation.context import EvalSettings
-from ddm_jax.evaluation.report import evaluate_workdir, fmt
+from ddm_jax.evaluation.report import default_out_dir, evaluate_workdir, fmt
+from ddm_jax.files import check_writable_dir
 
 
 def build_parser():
@@ -83,20 +84,22 @@ def main(argv):
       guidance_path=args.guidance_path, guidance_variant=args.guidance_variant,
       use_ema=not args.no_ema)
   host_index, num_hosts = host_split(args.host_index, args.num_hosts)
-  report, out_dir = evaluate_workdir(args.workdir, settings, args.out_dir,
+  out_dir = args.out_dir or default_out_dir(args.workdir, settings)
+  check_writable_dir(out_dir)  # before the evaluator trains and the samples are made
+  report, out_dir = evaluate_workdir(args.workdir, settings, out_dir,
                                      progress=not args.no_progress, samples=args.samples,
                                      host_index=host_index, num_hosts=num_hosts)
   if report is None:
-    print(f'host {host_index} of {num_hosts} finished its share of the samples in '
-          f'{os.path.abspath(out_dir)}/samples; the host that finishes last writes the report')
+    result(f'host {host_index} of {num_hosts} finished its share of the samples in '
+           f'{os.path.abspath(out_dir)}/samples; the host that finishes last writes the report')
     return
   f, q = report['fairness'], report['quality']
-  print(f"proportions {fmt(f['proportions'], 4)} (target {fmt(f['target'], 3)}), "
-        f"FD {f['fd']:.4f}, KL {f['kl']:.5f}, FCD {q['fcd']:.3f} "
-        f"(noise floor {q['noise_floor_fcd']:.3f}), precision {q['precision']:.3f}, "
-        f"recall {q['recall']:.3f}")
-  print(f'wrote {os.path.abspath(out_dir)}/report.json, report.md, proportions.png, '
-        'samples_by_group.png')
+  result(f"proportions {fmt(f['proportions'], 4)} (target {fmt(f['target'], 3)}), "
+         f"FD {f['fd']:.4f}, KL {f['kl']:.5f}, FCD {q['fcd']:.3f} "
+         f"(noise floor {q['noise_floor_fcd']:.3f}), precision {q['precision']:.3f}, "
+         f"recall {q['recall']:.3f}",
+         f'wrote {os.path.abspath(out_dir)}/report.json, report.md, proportions.png, '
+         'samples_by_group.png')
 
 
 if __name__ == '__main__':

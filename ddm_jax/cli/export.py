@@ -2,8 +2,9 @@
 import os
 import sys
 
-from ddm_jax.cli.common import cli, make_parser, parse
+from ddm_jax.cli.common import cli, make_parser, parse, result
 from ddm_jax.errors import ConfigError
+from ddm_jax.files import check_writable_dir
 from ddm_jax.interop.export import export_latent_ddm
 from ddm_jax.training.setup import load_trained
 
@@ -21,6 +22,7 @@ def build_parser():
 @cli
 def main(argv):
   args = parse(build_parser(), argv)
+  check_writable_dir(args.output)  # before the model loads and converts
   trained = load_trained(args.workdir, use_ema=not args.no_ema)
   if not trained.ddm.latent:
     raise ConfigError(f'{args.workdir} is a pixel-space DDM; export is for Stable Diffusion '
@@ -28,7 +30,7 @@ def main(argv):
   written = export_latent_ddm(trained.ddm, trained.params, args.output, extra={
       'workdir': os.path.abspath(args.workdir), 'checkpoint_step': int(trained.step),
       'ema': not args.no_ema})
-  print(f'wrote {", ".join(written)} to {os.path.abspath(args.output)}')
+  result(f'wrote {", ".join(written)} to {os.path.abspath(args.output)}')
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 
-from ddm_jax.cli.common import cli, make_parser
+from ddm_jax.cli.common import cli, make_parser, parse, result
 from ddm_jax.data.reference_digits import (DEFAULT_OUT, DEFAULT_PROMPT, parse_ratio,
                                            write_reference_digits)
 from ddm_jax.errors import DataError
@@ -43,16 +43,16 @@ def build_parser():
 
 @cli
 def main(argv):
-  args = build_parser().parse_args(argv)
+  args = parse(build_parser(), argv, compilation_cache=False)
   pair = parse_pair(args.pair)
   summary = write_reference_digits(args.out, tuple((d,) for d in pair), parse_ratio(args.ratio, 2),
                                    args.seed, args.resolution, args.prompt)
   out = os.path.abspath(os.path.expanduser(args.out))
   counts = summary['group_counts']
-  print(f'wrote {out}: train {counts["train"]} images per group (digits {pair[0]}, {pair[1]}), '
+  result(f'wrote {out}: train {counts["train"]} images per group (digits {pair[0]}, {pair[1]}), '
         f'heldout {counts["heldout"]}')
   if out != os.path.abspath(os.path.expanduser(DEFAULT_OUT)) or args.prompt != DEFAULT_PROMPT:
-    print('train with: python train.py --config=configs/sd15_digits.py --workdir=WORKDIR '
+    result('train with: python train.py --config=configs/sd15_digits.py --workdir=WORKDIR '
           '--config.model.pretrained=SD15_DIR '
           + ' '.join(shlex.quote(a) for a in config_overrides(out, args.prompt)))
 

@@ -6,10 +6,11 @@ import sys
 import time
 
 from ddm_jax.cli.common import (CONFIG_HELP, OVERRIDES_EPILOG, cli, experiment_plan, list_flag,
-                                load_config, make_parser, parse)
+                                load_config, make_parser, parse, result, split_overrides)
 from ddm_jax.experiments.regime import PRESETS, Runner, write_summary
 from ddm_jax.experiments.regime.plan import GUIDED, UNGUIDED
 from ddm_jax.experiments.regime.runner import select_lr
+from ddm_jax.errors import ConfigError
 from ddm_jax.files import write_json
 from ddm_jax.generation.guidance import VARIANTS
 
@@ -47,14 +48,18 @@ _PLAN_FLAGS = (
 def build_parser():
   p = make_parser('regime', "DDM in the paper's regime against its baselines: a base UNet "
                   'pretrained once on all ten digits, short fine-tunes of it on biased digit '
-                  'groups, evaluated unguided and guided.', epilog=OVERRIDES_EPILOG)
+                  'groups, evaluated unguided and guided.',
+                  epilog=OVERRIDES_EPILOG + ' --base_config.SECTION.KEY=VALUE overrides the '
+                  "base's config alike; the base and the fine-tunes must share the UNet "
+                  '(model.*) and data.resolution, so shrink both, e.g. for a smoke test.')
   p.add_argument('--quick', action='store_true', help='the <= 15 minute preset')
   p.add_argument('--name', default=None, help='label of the run (default: the preset)')
   p.add_argument('--out', default=None,
                  help='folder of the run, resumed and grown by later invocations (default '
                  'sweeps/regime_<name> in the current folder)')
   p.add_argument('--base_config', default='digits_base',
-                 help='the base UNet\'s config: ' + CONFIG_HELP)
+                 help='the base UNet\'s config (--base_config.KEY=VALUE overrides it): '
+                 + CONFIG_HELP)
   p.add_argument('--config', default='digits',
                  help='what every fine-tune starts from (--config.KEY=VALUE overrides it): '
                  + CONFIG_HELP)
@@ -76,17 +81,20 @@ def parse_args(argv):
 
 @cli
 def main(argv):
+  base_overrides, argv = split_overrides(argv, 'base_config')
   args, plan, overrides = experiment_plan(argv, parse_args, PRESETS)
   preset = 'quick' if args.quick else 'full'
-  base_cfg = load_config(args.base_config, {})
+  base_cfg = load_config(args.base_config, base_overrides)
   ft_cfg = load_config(args.config, overrides)
+  check_same_unet(base_cfg, ft_cfg)
   name = args.name or preset
   out = args.out or os.path.join('sweeps', f'regime_{name}')
   os.makedirs(out, exist_ok=True)
   runner = Runner(base_cfg, ft_cfg, plan, out, log=lambda m: print(m, flush=True))
   write_json(os.path.join(out, 'plan.json'), {'preset': preset, 'name': name,
                                                'plan': dataclasses.asdict(plan),
-                                               'overrides': overrides})
+                                               'overrides': overrides,
+                                               'base_overrides': base_overrides})
   t0 = time.time()
   if args.summary_only:
     lr = plan.lr or select_lr(runner.results.rows)
@@ -96,8 +104,20 @@ def main(argv):
     lr = runner.run()
   _, md = write_summary(runner, name, None if args.summary_only else time.time() - t0, lr,
                         args.publish)
-  print(md)
-  print(f'total {time.time() - t0:.0f} s; results in {os.path.abspath(out)}', flush=True)
+  result(md, f'total {time.time() - t0:.0f} s; results in {os.path.abspath(out)}')
+
+
+def check_same_unet(base_cfg, ft_cfg):
+  """ConfigError now, not after the base has trained, unless every fine-tune can start
+  from the base: the same UNet (model.*) at the same data.resolution."""
+  base = {**base_cfg.model.to_dict(), 'data.resolution': base_cfg.data.resolution}
+  ft = {**ft_cfg.model.to_dict(), 'data.resolution': ft_cfg.data.resolution}
+  differ = sorted(k for k in base.keys() | ft.keys() if base.get(k) != ft.get(k))
+  if differ:
+    key = differ[0] if '.' in differ[0] else f'model.{differ[0]}'
+    raise ConfigError(f'the fine-tunes cannot start from the base: {key} is '
+                      f'{ft.get(differ[0])!r} in --config but {base.get(differ[0])!r} in '
+                      f'--base_config (give both, e.g. --config.{key}=V --base_config.{key}=V)')
 
 
 if __name__ == '__main__':

@@ -4,9 +4,10 @@ import os
 import sys
 
 from ddm_jax.cli.common import (add_guidance_flags, add_progress_flag, cli, guidance_scale,
-                                host_split, make_parser, parse)
+                                host_split, make_parser, parse, result)
 from ddm_jax.diffusion.samplers import SAMPLERS
 from ddm_jax.errors import DDMError
+from ddm_jax.files import check_writable_dir
 from ddm_jax.generation.job import DEFAULT_SHARD_SIZE, run_job
 from ddm_jax.generation.plan import plan_generator, plan_samples, sampling_params
 from ddm_jax.generation.prompts import DEFAULT_CFG_SCALE, split_prompts
@@ -65,6 +66,8 @@ def parse_args(argv):
 @cli
 def main(argv):
   args = parse_args(argv)
+  out = args.output or os.path.join(args.workdir, 'generated')
+  check_writable_dir(out)  # before the model loads and the samples are made
   trained = load_trained(args.workdir, use_ema=not args.no_ema)
   ddm = trained.ddm
   plan = plan_samples(ddm, trained.config, args.num_samples, seed=args.seed,
@@ -76,7 +79,6 @@ def main(argv):
   gen = plan_generator(ddm, trained.mesh, plan, args.grad_clip, args.guidance_path,
                        args.guidance_variant)
   params, frozen = sampling_params(ddm, trained.params, trained.frozen)
-  out = args.output or os.path.join(args.workdir, 'generated')
   job_info = {'workdir': os.path.abspath(args.workdir), 'checkpoint_step': trained.step,
               'ema': not args.no_ema}
   if plan.guide is not None:
@@ -86,10 +88,10 @@ def main(argv):
   complete = run_job(gen, plan, params, frozen, out, job_info, args.shard_size, host_index,
                      num_hosts, progress=not args.no_progress)
   if complete:
-    print(f'wrote {plan.num_samples} PNGs, samples.npz and grid.png to {os.path.abspath(out)}')
+    result(f'wrote {plan.num_samples} PNGs, samples.npz and grid.png to {os.path.abspath(out)}')
   else:
-    print(f'host {host_index} of {num_hosts} finished its shards in {os.path.abspath(out)}; '
-          'the host that finishes last writes samples.npz and grid.png')
+    result(f'host {host_index} of {num_hosts} finished its shards in {os.path.abspath(out)}; '
+           'the host that finishes last writes samples.npz and grid.png')
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ddm_jax.cli.common import (CONFIG_HELP, OVERRIDES_EPILOG, cli, experiment_plan, list_flag,
-                                load_config, make_parser, parse)
+                                load_config, make_parser, parse, result)
 from ddm_jax.experiments.sweep import PRESETS, Runner, parse_ratio, write_summary
 from ddm_jax.files import write_json
 
@@ -80,8 +80,7 @@ def main(argv):
     runner.run()
   _, md = write_summary(runner, name, None if args.summary_only else time.time() - t0,
                         args.publish)
-  print(md)
-  print(f'total {time.time() - t0:.0f} s; results in {os.path.abspath(out)}', flush=True)
+  result(md, f'total {time.time() - t0:.0f} s; results in {os.path.abspath(out)}')
 
 
 if __name__ == '__main__':

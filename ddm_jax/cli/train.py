@@ -5,7 +5,8 @@ import sys
 
 from ddm_jax import parallel
 from ddm_jax.cli.common import (CONFIG_HELP, OVERRIDES_EPILOG, add_progress_flag, cli,
-                                load_config, make_parser, parse, split_overrides)
+                                load_config, make_parser, parse, result, split_overrides)
+from ddm_jax.files import check_writable_dir
 from ddm_jax.training.loop import train
 
 
@@ -33,6 +34,9 @@ def main(argv):
   overrides, rest = split_overrides(argv)
   args = parse(build_parser(), rest)
   config = load_config(args.config, overrides)
+  for folder in (args.workdir, os.path.join(args.workdir, 'checkpoints'),  # refused now, not
+                 os.path.join(args.workdir, 'tensorboard')):              # after the first steps
+    check_writable_dir(folder)
   if args.coordinator_address or args.num_processes or args.process_id is not None:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id)
@@ -45,8 +49,8 @@ def main(argv):
 
   train(config, args.workdir, should_stop=lambda: stop['requested'],
         progress=not args.no_progress)
-  print(f'workdir: {os.path.abspath(args.workdir)} (checkpoints/, metrics.jsonl, '
-        f'tensorboard/, samples/)')
+  result(f'workdir: {os.path.abspath(args.workdir)} (checkpoints/, metrics.jsonl, '
+         f'tensorboard/, samples/)')
 
 
 if __name__ == '__main__':
