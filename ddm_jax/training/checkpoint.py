@@ -274,7 +274,7 @@ class Checkpointer:
     extra = {'config': json_digest(config_json)}
     args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config_json)}
     if iterator_state is not None:
-      import grain  # pylint: disable=import-outside-toplevel  # 0.4 s sample.py never needs
+      import grain  # pylint: disable=import-outside-toplevel  # slow; sample.py never needs it
       args['data'] = grain.checkpoint.CheckpointSave(_IteratorState(iterator_state))
       extra['data'] = json_digest(iterator_state)
     digests = concurrent.futures.Future()
@@ -351,7 +351,7 @@ class Checkpointer:
     the checkpoint has no such checksum (written before parts had one, or without the
     part): the caller restores the whole state. A sampler needs only its weights: reading
     the optimizer state too, and orbax's metadata of every leaf, was most of a warm
-    sample.py's start (BENCHMARKS.md, "Start-up")."""
+    sample.py's start."""
     sums = self._read_json(step, 'checksums', missing_ok=True) or {}
     if (sums.get('parts') or {}).get(part) is None:
       return None
@@ -365,7 +365,8 @@ class Checkpointer:
     saved_config = self.read_config(step)
     sums = (self._read_json(step, 'checksums') if os.path.isdir(os.path.join(where, 'checksums'))
             else None)   # None: written before checksums existed
-    saved = _as_saved_ema(abstract_state, where, saved_config)
+    # the EMA as the checkpoint holds it (a mismatch would read as damage), then as wanted
+    saved = _with_ema(abstract_state, _keeps_ema(abstract_state, where, saved_config))
     it_state = None
     if with_data:
       import grain  # pylint: disable=import-outside-toplevel
@@ -381,7 +382,7 @@ class Checkpointer:
       if sums is not None and item in sums and sums[item] != json_digest(value):
         raise CheckpointError(f'checkpoint {where} is corrupt: its {item} does not match the '
                               'checksum written with it (truncated or modified files)')
-    return _with_wanted_ema(state, abstract_state), it_state
+    return _with_ema(state, getattr(abstract_state, 'ema_params', None) is not None), it_state
 
   def _read(self, step, item, sums, what):
     """The pytree `item` (the whole train state, or {part: abstract}) of checkpoint `step`,
@@ -496,32 +497,32 @@ def check_compatible(saved, config, workdir):
           f'{", ".join(diff) or section} differ); use a new --workdir or the saved config')
 
 
-def _as_saved_ema(abstract_state, where, saved_config):
-  """A train state keeps EMA params only while train.ema_decay > 0. Restore what the
-  checkpoint holds (a mismatch would read as a damaged checkpoint); _with_wanted_ema
-  then drops the EMA or starts it from the params. The config saved with the state says
-  which (every save writes the state its config made); orbax's metadata of every leaf
-  (0.6-0.8 s for the digits model) is read only for a config without train.ema_decay."""
+def _keeps_ema(abstract_state, where, saved_config):
+  """Whether checkpoint `where` holds an EMA (a train state keeps one only while
+  train.ema_decay > 0); False for a state without that field. The config saved with the
+  state says which (every save writes the state its config made); orbax's metadata of every
+  leaf is read only for a config without train.ema_decay."""
   if not hasattr(abstract_state, 'ema_params'):
-    return abstract_state
+    return False
   decay = (saved_config.get('train') or {}).get('ema_decay')
   if decay is not None:
-    keeps = float(decay) > 0
-  else:
-    try:
-      saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / 'state')
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'checkpoint {where} is damaged, reading its metadata failed: '
-                            f'{_one_line(e, 240)}') from e
-    keeps = 'ema_params' in saved and saved['ema_params'] is not None
-  return abstract_state.replace(ema_params=abstract_state.params if keeps else None)
+    return float(decay) > 0
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / 'state')
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'checkpoint {where} is damaged, reading its metadata failed: '
+                          f'{_one_line(e, 240)}') from e
+  return 'ema_params' in saved and saved['ema_params'] is not None
 
 
-def _with_wanted_ema(state, wanted):
-  if not hasattr(wanted, 'ema_params') or (state.ema_params is None) == (wanted.ema_params is None):
+def _with_ema(state, keep):
+  """`state` (abstract or restored) with an EMA where `keep`: its own, or one started from
+  its params (a copy: the step donates both); without one otherwise. Used both ways by
+  restore: to read the EMA as the checkpoint holds it, then to return it as wanted."""
+  if not hasattr(state, 'ema_params') or (state.ema_params is not None) == keep:
     return state
-  return state.replace(ema_params=None if wanted.ema_params is None else
-                       jax.tree_util.tree_map(lambda p: p.copy(), state.params))
+  start = lambda p: p if isinstance(p, jax.ShapeDtypeStruct) else p.copy()  # noqa: E731
+  return state.replace(ema_params=jax.tree_util.tree_map(start, state.params) if keep else None)
 
 
 def abstract_like(tree):
