@@ -243,19 +243,30 @@ def is_latent(config):
   return bool(config.model.get('pretrained'))
 
 
-def validate(config):
-  """Checks types and values a run cannot start with. Returns the config."""
-  check_types(config)
-  t, o, l, m, d = config.train, config.optim, config.loss, config.model, config.data
+def _check_train(t):
   _require(t.num_steps > 0, 'train.num_steps', f'must be positive, got {t.num_steps}')
   _require(t.batch_size > 0, 'train.batch_size', f'must be positive, got {t.batch_size}')
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(t[key] > 0, f'train.{key}', f'must be positive, got {t[key]}')
   _require(t.sample_every >= 0, 'train.sample_every', 'must be >= 0 (0 disables)')
   _require(0.0 <= t.ema_decay < 1.0, 'train.ema_decay', f'must be in [0, 1), got {t.ema_decay}')
+  _require(t.sample_every == 0 or t.num_sample_images > 0, 'train.num_sample_images',
+           f'must be positive, got {t.num_sample_images}')
+
+
+def _check_loss(l, num_groups):
   _require(l.w_rec >= 0, 'loss.w_rec', f'must be >= 0, got {l.w_rec}')
   _require(l.w_ind >= 0, 'loss.w_ind', f'must be >= 0, got {l.w_ind}')
   _require(l.w_rec + l.w_ind > 0, 'loss.w_rec', 'w_rec and w_ind cannot both be 0')
+  gw = l.get('group_weights', ())
+  _require(isinstance(gw, tuple) and all(
+      isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+      for w in gw), 'loss.group_weights', f'must be a tuple of positive numbers, got {gw!r}')
+  _require(len(gw) in (0, num_groups), 'loss.group_weights',
+           f'needs one weight per group (data.num_groups = {num_groups}) or none, got {len(gw)}')
+
+
+def _check_optim(o):
   _require(o.lr > 0, 'optim.lr', f'must be positive, got {o.lr}')
   _require(o.schedule in ('constant', 'warmup', 'cosine'), 'optim.schedule',
            f'must be constant, warmup or cosine, got {o.schedule!r}')
@@ -268,9 +279,16 @@ def validate(config):
   _require(o.weight_decay >= 0, 'optim.weight_decay', f'must be >= 0, got {o.weight_decay}')
   _require(o.clip == 'none' or o.clip_value > 0, 'optim.clip_value',
            f'must be positive, got {o.clip_value}')
-  _require(t.sample_every == 0 or t.num_sample_images > 0, 'train.num_sample_images',
-           f'must be positive, got {t.num_sample_images}')
+
+
+def _check_data(d):
   _require(d.channels in (1, 3), 'data.channels', f'must be 1 or 3, got {d.channels}')
+  _require(d.num_groups >= 2, 'data.num_groups', f'must be >= 2, got {d.num_groups}')
+  _require(d.resolution > 0, 'data.resolution', f'must be positive, got {d.resolution}')
+
+
+def _check_sampling(config):
+  """diffusion (a pixel run's; a latent run's comes with its model) and sample."""
   s = config.sample
   if not is_latent(config):
     df = config.diffusion
@@ -288,53 +306,58 @@ def validate(config):
   else:
     _require(s.steps >= 1, 'sample.steps', f'must be positive, got {s.steps}')
   _require(s.eta >= 0, 'sample.eta', f'must be >= 0, got {s.eta}')
-  if m.get('dtype') is not None:
-    _require(m.dtype in _DTYPES, 'model.dtype', f'must be one of {_DTYPES}, got {m.dtype!r}')
-  if 'lora' in config:
-    lc = config.lora
-    for key in ('unet_rank', 'text_rank'):
-      if key in lc:
-        _require(lc[key] >= 1, f'lora.{key}', f'must be >= 1, got {lc[key]}')
-    if 'dropout' in lc:
-      _require(0.0 <= lc.dropout < 1.0, 'lora.dropout', f'must be in [0, 1), got {lc.dropout}')
-  if 'indicator' in config:
-    hidden = config.indicator.get('hidden')
-    _require(isinstance(hidden, tuple) and all(_positive_int(h) for h in hidden),
-             'indicator.hidden', f'must be a tuple of positive integers, got {hidden!r}')
-    _require(config.indicator.get('input', 'eps') in INDICATOR_INPUTS, 'indicator.input',
-             f"must be one of {INDICATOR_INPUTS}, got {config.indicator.get('input')!r}")
-    _require(config.indicator.get('init', 'torch') in INDICATOR_INITS, 'indicator.init',
-             f"must be one of {INDICATOR_INITS}, got {config.indicator.get('init')!r}")
-  trainable = t.get('trainable', 'all')
+  _require(s.sampler in SAMPLERS, 'sample.sampler',
+           f'must be one of {sorted(SAMPLERS)}, got {s.sampler!r}')
+
+
+def _check_lora(lc):
+  for key in ('unet_rank', 'text_rank'):
+    if key in lc:
+      _require(lc[key] >= 1, f'lora.{key}', f'must be >= 1, got {lc[key]}')
+  if 'dropout' in lc:
+    _require(0.0 <= lc.dropout < 1.0, 'lora.dropout', f'must be in [0, 1), got {lc.dropout}')
+
+
+def _check_indicator(ind):
+  hidden = ind.get('hidden')
+  _require(isinstance(hidden, tuple) and all(_positive_int(h) for h in hidden),
+           'indicator.hidden', f'must be a tuple of positive integers, got {hidden!r}')
+  _require(ind.get('input', 'eps') in INDICATOR_INPUTS, 'indicator.input',
+           f"must be one of {INDICATOR_INPUTS}, got {ind.get('input')!r}")
+  _require(ind.get('init', 'torch') in INDICATOR_INITS, 'indicator.init',
+           f"must be one of {INDICATOR_INITS}, got {ind.get('init')!r}")
+
+
+def _check_what_trains(config):
+  """train.trainable and train.init_from against the kind of run."""
+  trainable = config.train.get('trainable', 'all')
   _require(trainable in TRAINABLE, 'train.trainable',
            f'must be one of {TRAINABLE}, got {trainable!r}')
-  _require(trainable != 'indicator' or l.w_ind > 0, 'train.trainable',
+  _require(trainable != 'indicator' or config.loss.w_ind > 0, 'train.trainable',
            "'indicator' trains only the indicator, which needs loss.w_ind > 0")
   _require(trainable != 'lora' or (not is_latent(config) and 'lora' in config
                                    and tuple(config.lora.get('unet_targets', ()))),
            'train.trainable', "'lora' trains a pixel UNet's LoRA adapters: it needs "
            'lora.unet_targets (Stable Diffusion runs always train LoRA)')
-  _require(not (t.get('init_from', '') and is_latent(config)), 'train.init_from',
+  _require(not (config.train.get('init_from', '') and is_latent(config)), 'train.init_from',
            'copies a pixel UNet from a trained workdir; latent (Stable Diffusion) runs '
            'start from model.pretrained')
-  gw = l.get('group_weights', ())
-  _require(isinstance(gw, tuple) and all(
-      isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
-      for w in gw), 'loss.group_weights', f'must be a tuple of positive numbers, got {gw!r}')
-  _require(len(gw) in (0, d.num_groups), 'loss.group_weights',
-           f'needs one weight per group (data.num_groups = {d.num_groups}) or none, got {len(gw)}')
+
+
+def _check_latent(config):
+  """The VAE's factor: only a latent run has one, and the images must divide by it."""
   _require(config.get('latent_factor', 1) >= 1, 'latent_factor',
            f'must be >= 1, got {config.get("latent_factor")}')
-  _require(d.num_groups >= 2, 'data.num_groups', f'must be >= 2, got {d.num_groups}')
-  _require(d.resolution > 0, 'data.resolution', f'must be positive, got {d.resolution}')
-  _require(config.sample.sampler in SAMPLERS, 'sample.sampler',
-           f'must be one of {sorted(SAMPLERS)}, got {config.sample.sampler!r}')
   if config.get('latent_factor', 1) > 1:
     _require(is_latent(config), 'model.pretrained', 'set it to a local diffusers folder')
   if is_latent(config):  # the UNet comes from the diffusers folder
-    _require(d.resolution % config.latent_factor == 0, 'data.resolution',
-             f'{d.resolution} is not divisible by the VAE factor {config.latent_factor}')
-    return config
+    _require(config.data.resolution % config.latent_factor == 0, 'data.resolution',
+             f'{config.data.resolution} is not divisible by the VAE factor '
+             f'{config.latent_factor}')
+
+
+def _check_pixel_unet(m, d):
+  """A pixel run's UNet, built from config.model, against the data it is trained on."""
   for key in ('block_out_channels', 'down_block_types', 'up_block_types'):
     _require(isinstance(m.get(key), tuple) and len(m[key]) > 0, f'model.{key}',
              f'must be a non-empty tuple, got {m.get(key)!r}')
@@ -363,6 +386,27 @@ def validate(config):
   for c in m.block_out_channels:
     _require(c % m.norm_num_groups == 0, 'model.norm_num_groups',
              f'{m.norm_num_groups} does not divide block channels {tuple(m.block_out_channels)}')
+
+
+def validate(config):
+  """Checks types and values a run cannot start with, section by section. Returns the config."""
+  check_types(config)
+  _check_train(config.train)
+  _check_loss(config.loss, config.data.num_groups)
+  _check_optim(config.optim)
+  _check_data(config.data)
+  _check_sampling(config)
+  if config.model.get('dtype') is not None:
+    _require(config.model.dtype in _DTYPES, 'model.dtype',
+             f'must be one of {_DTYPES}, got {config.model.dtype!r}')
+  if 'lora' in config:
+    _check_lora(config.lora)
+  if 'indicator' in config:
+    _check_indicator(config.indicator)
+  _check_what_trains(config)
+  _check_latent(config)
+  if not is_latent(config):
+    _check_pixel_unet(config.model, config.data)
   return config
 
 
