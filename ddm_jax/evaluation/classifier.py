@@ -31,7 +31,7 @@ import os
 import time
 import warnings
 import importlib
-from typing import Any, NamedTuple, Protocol, Tuple
+from typing import Any, Mapping, NamedTuple, Protocol, Tuple, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -69,6 +69,7 @@ class Evaluator(nn.Module):
     return nn.Dense(self.num_groups, name='logits')(feats), feats
 
 
+@runtime_checkable
 class GroupEvaluator(Protocol):
   """What the evaluation asks of a plugged-in evaluator (see the module docstring)."""
 
@@ -84,9 +85,9 @@ class CachedEvaluator(NamedTuple):
   from_cache: bool   # True when loaded instead of trained
 
 
-def _params_of(params_or_obj):
-  p = getattr(params_or_obj, 'params', params_or_obj)
-  if isinstance(p, dict) and set(p) == {'params'}:  # a full variables dict
+def _params_of(p):
+  """(params, (groups, width, features, channels)) of our CNN's params pytree."""
+  if isinstance(p, Mapping) and set(p) == {'params'}:  # a full variables dict
     p = p['params']
   try:
     k1 = p['conv1']['kernel']
@@ -128,11 +129,14 @@ def _check_labels(labels, n, num_groups, name='labels'):
   return y.astype(np.int32)
 
 
-def logits_and_features(params_or_obj, images, batch_size):
-  """(logits [N, K], features [N, F]) of the CNN's params pytree or a ``GroupEvaluator``."""
-  if hasattr(params_or_obj, 'logits_and_features'):
-    return _plugged(params_or_obj, _check_images(images), batch_size)
-  p, (groups, width, feats, channels) = _params_of(params_or_obj)
+def logits_and_features(evaluator, images, batch_size):
+  """(logits [N, K], features [N, F]) of `evaluator`: our CNN, as its params pytree (or
+  flax's full variables) or a ``CachedEvaluator``, or a plugged-in ``GroupEvaluator``."""
+  if isinstance(evaluator, CachedEvaluator):
+    evaluator = evaluator.params
+  if not isinstance(evaluator, Mapping) and isinstance(evaluator, GroupEvaluator):
+    return _plugged(evaluator, _check_images(images), batch_size)
+  p, (groups, width, feats, channels) = _params_of(evaluator)
   x = _check_images(images, channels=channels)
   fn = _apply_fn(groups, width, feats)
   n = x.shape[0]
@@ -192,19 +196,19 @@ def plugged_evaluator(spec, images, labels, num_groups, seed=0):
   return evaluator
 
 
-def predict(params_or_obj, images, batch_size=256):
+def predict(evaluator, images, batch_size=256):
   """Logits ``(N, num_groups)`` for NHWC images in [-1, 1], in batches."""
-  return logits_and_features(params_or_obj, images, batch_size)[0]
+  return logits_and_features(evaluator, images, batch_size)[0]
 
 
-def features(params_or_obj, images, batch_size=256):
+def features(evaluator, images, batch_size=256):
   """Penultimate features ``(N, features)`` for NHWC images in [-1, 1], in batches."""
-  return logits_and_features(params_or_obj, images, batch_size)[1]
+  return logits_and_features(evaluator, images, batch_size)[1]
 
 
-def accuracy(params_or_obj, images, labels, batch_size=256):
+def accuracy(evaluator, images, labels, batch_size=256):
   """``(accuracy, per_group_accuracy)``; per-group entries are NaN for absent groups."""
-  logits = predict(params_or_obj, images, batch_size)
+  logits = predict(evaluator, images, batch_size)
   num_groups = logits.shape[1]
   y = _check_labels(labels, logits.shape[0], num_groups)
   if y.size == 0:
