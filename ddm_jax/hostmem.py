@@ -1,4 +1,4 @@
-"""Handing freed host memory back to the operating system (BENCHMARKS.md "Memory")."""
+"""Handing freed host memory back to the operating system."""
 import ctypes
 
 

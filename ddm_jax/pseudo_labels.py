@@ -16,8 +16,8 @@ from ddm_jax.errors import ConfigError, DataError
 
 # scikit-learn and scipy.optimize are imported in the functions that use them:
 # ddm_jax.data imports this module on every run, and at the top they would add
-# about 1.3 s (sklearn) and 0.4 s (scipy.optimize) to it, which only
-# pseudo-labelling and cluster evaluation need.
+# their import time (sklearn's is long) to it, which only pseudo-labelling and
+# cluster evaluation need.
 
 METHODS = ('kmeans',)
 

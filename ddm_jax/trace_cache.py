@@ -1,7 +1,7 @@
 """A persistent cache of traced programs, beside XLA's compilation cache.
 
 XLA's cache is keyed on the lowered module, so a warm start still traces and lowers every
-program to find its entry (14 s and 6.6 s of the digits train step, BENCHMARKS.md). Here a
+program to find its entry (most of a warm start, for the digits train step). Here a
 program is traced once, exported (`jax.export`) and stored under a key made of everything
 it depends on: jax and jaxlib, the devices, the ddm_jax sources, the kernels in force
 (`kernels.current()`, whole: the knobs read while tracing), the caller's description (the
@@ -11,8 +11,8 @@ it has just serialized, read back), so XLA's cache hits as well. The compiled ex
 stored beside its entry too (`NAME.exe`, keyed also on the XLA flags and the processor), so
 a warm start neither lowers the program nor looks it up in XLA's cache.
 
-On by default, with XLA's cache: a warm digits train.py starts in 0.12-0.13 of its cold
-time with it (BENCHMARKS.md, "Start-up"), and a stale hit needs a value read while tracing
+On by default, with XLA's cache: a warm digits train.py starts in a small fraction of its
+cold time with it, and a stale hit needs a value read while tracing
 that is in none of the key's parts: the sources, the kernels, the description (a config's
 host-only keys are checked to lower to the same programs, tests/test_step_hyperparameters.py)
 and the arguments.

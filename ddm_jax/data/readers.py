@@ -59,7 +59,7 @@ def make_iterator(data_cfg, data_dir, split, batch_size, seed, process_index=0, 
                     extra_fn)
   # grain's default read-ahead is 500 batches on 16 threads: while a run starts, that
   # Python work fights the tracing and the compile for the GIL and the cores (a warm digits
-  # train.py took 24 s instead of 16, BENCHMARKS.md "Start-up"); 16 batches keep the threads busy.
+  # train.py started much later); 16 batches keep the threads busy.
   return iter(ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=16)))
 
 

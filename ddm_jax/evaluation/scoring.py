@@ -18,7 +18,8 @@ _ENTROPY_FNS = {}   # (arch_key, argument shapes) -> the compiled logits program
 
 def _entropy_program(config, ddm, args):
   """The indicator's logits on noised real images, compiled once per process and model
-  architecture, through the trace cache (traced anew, it was ~1.5 s of a warm evaluate.py)."""
+  architecture, through the trace cache (tracing it anew was a large part of a warm
+  evaluate.py's start)."""
   sig = (arch_key(config), str(jax.tree_util.tree_map(lambda a: (np.shape(a), str(a.dtype)),
                                                       args[2:])))
   if sig not in _ENTROPY_FNS:

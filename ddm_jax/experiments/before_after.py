@@ -1,7 +1,7 @@
 """The demo's point in one picture: the same trained DDM sampled unguided and with its
 indicator guidance toward a uniform mix, each grid labelled with its FD and group shares as
 the evaluator measures them, beside the training split's shares (unguided DDM sampling need
-not reproduce them; RESULTS.md measures how far it moves)."""
+not reproduce them)."""
 import os
 
 import numpy as np

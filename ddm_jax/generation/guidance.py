@@ -177,7 +177,7 @@ def make_indicator_guidance(ddm, grad_clip=None, path='unet', clip_x0=None, vari
   guidance term's x0 part, which at high noise is amplified by ``1/a`` far out
   of range, and keeps only its eps part, which points the other way:
   measured on the digits, such guidance steered samples *away* from their
-  group (RESULTS.md). Guided-diffusion (Dhariwal & Nichol) clips first too.
+  group. Guided-diffusion (Dhariwal & Nichol) clips first too.
 
   ``variant`` (``VARIANTS``): plain classifier guidance, or one that normalises the
   gradient, guides only the early part of the trajectory, or stops per sample (see above).

@@ -16,7 +16,7 @@ Memory: tensors are read one at a time with plain reads (not through a memory ma
 the mapped file's pages would count in the process's memory until it is closed, a
 second copy of a 3.4 GB UNet), converted, copied into a jax array and the numpy array
 dropped before the next read, so the peak is one full copy of the weights plus one
-tensor (BENCHMARKS.md "Memory").
+tensor.
 """
 import json
 import os

@@ -1,9 +1,9 @@
 """XLA:CPU's slow convolutions computed another way: `conv_general_dilated`, handed to
 `nn.Conv` by models/blocks.py's `Conv`.
 
-Why (BENCHMARKS.md): XLA's ConvOperandSwapper swaps the operands of a convolution whose
+Why: XLA's ConvOperandSwapper swaps the operands of a convolution whose
 kernel is larger than its input, and the swapped convolution has no fast CPU kernel
-(0.1-1 GFLOP/s; half of the `small` train step); and at 4x4 and below the input-gradient
+(a large share of the `small` train step's time); and at 4x4 and below the input-gradient
 convolution reverses and transposes the whole kernel every step (a 1x1 convolution's at
 any size). Which sizes take this path is `kernels.current()`'s im2col thresholds.
 """

@@ -53,8 +53,8 @@ class MetricsWriter:
 
 
 def summary_writer(logdir):
-  """tensorboardX's SummaryWriter. tensorboardX imports torch when it is installed (2 s of
-  a start-up, `python -X importtime`) only to accept torch tensors; we log floats, so torch
+  """tensorboardX's SummaryWriter. tensorboardX imports torch when it is installed (seconds
+  of a start-up, `python -X importtime`) only to accept torch tensors; we log floats, so torch
   is hidden from that import unless something has imported it already."""
   hide = 'torch' not in sys.modules
   if hide:

@@ -49,7 +49,7 @@ class TrainSetup:
     self.hyper = parallel.put_global(hyperparameters(config), self.repl)
     self._params = params
     # The init is traced once: its abstract result here, its program in init_state (a
-    # second trace of the model's init was ~1 s of a warm train.py start).
+    # second trace of the model's init was a large part of a warm train.py start).
     # With the trace cache, a warm start reads it (and the state's shapes) from there.
     self._traced_init = None if params is not None else trace_cache.trace(
         trace_cache.jit(self._init, trace_cache.describe('train init', program_config(config)),
@@ -118,8 +118,8 @@ class TrainSetup:
     """The step compiled ahead of time from shapes, called (state, batch, frozen,
     self.hyper): `batch` and `frozen` may be arrays or `jax.ShapeDtypeStruct`s, the state
     is `target`. A caller that compiles before it makes
-    the state and the weights keeps XLA's own peak (about 1 GB of host memory for the
-    SD-1.5 step on CPU, BENCHMARKS.md) from sitting on top of them; what the compiler
+    the state and the weights keeps XLA's own peak (large for the SD-1.5 step on CPU)
+    from sitting on top of them; what the compiler
     freed is then handed back to the OS."""
     spec = lambda tree, sharding: jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding,

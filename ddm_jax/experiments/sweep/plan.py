@@ -15,7 +15,7 @@ class Plan:
   num_samples: int = 1000
   sampler: str = 'ddim'
   sample_steps: int = 25
-  eta: float = 1.0                      # stochastic DDIM: see RESULTS.md for why
+  eta: float = 1.0                      # stochastic DDIM
   guided_ratios: Tuple[str, ...] = ('4:1', '9:1')
   guided_alphas: Tuple[float, ...] = (0.05,)
   scales: Tuple[float, ...] = (2.0, 4.0, 8.0)
@@ -30,7 +30,7 @@ class Plan:
 
 PRESETS = {
     'full': Plan(),
-    # Sized for <= 20 minutes on 2 CPU cores (see RESULTS.md for the measured time).
+    # Sized for <= 20 minutes on 2 CPU cores.
     'quick': Plan(ratios=('4:1',), alphas=(0.0, 0.05), seeds=(0,), num_steps=300,
                   num_samples=400, sample_steps=25, guided_ratios=('4:1',),
                   guided_alphas=(0.05,), scales=(4.0,), pseudo_ratios=(),
