@@ -23,8 +23,9 @@ def _state(ema_decay):
 
 
 def _equal(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  return jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
+      np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
 @pytest.mark.parametrize('config', [{'train': {'ema_decay': 0.9}}, {'model': {}}],
