@@ -120,7 +120,7 @@ class ReferenceLoop:
         self.small[k] |= ((g > 0) & (g < max(SMALL_GRAD, SMALL_REL * float(g.max())))).numpy()
       self.opt.step()
       self.opt.zero_grad()
-    return float(loss)
+    return float(loss.detach())
 
 
 def named_indicator(indicator):
