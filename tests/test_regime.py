@@ -242,3 +242,19 @@ def test_cli_lists():
 def test_cli_bad_input(tmp_path, capsys):
   assert regime_main(['--out', str(tmp_path / 'o'), '--pairs', '0/11']) != 0
   assert 'pair' in capsys.readouterr().err
+
+
+def test_results_md_regime_tables_are_the_published_summary():
+  """Every table row of RESULTS.md's A1 and A2 is a row of results/regime.md, the summary
+  `test_published_summary_matches_its_rows` recomputes from its rows: the document cannot
+  drift from what was measured."""
+  root = os.path.dirname(RESULTS)
+  with open(os.path.join(root, 'RESULTS.md'), encoding='utf-8') as f:
+    text = f.read()
+  section = text[text.index('### A1.'):text.index('### A3.')]
+  rows = [line for line in section.splitlines()
+          if line.startswith('| ') and not set(line) <= set('|- ')]
+  with open(os.path.join(RESULTS, 'regime.md'), encoding='utf-8') as f:
+    published = set(f.read().splitlines())
+  assert len(rows) > 40
+  assert [r for r in rows if r not in published] == []
