@@ -6,8 +6,9 @@ classifier guidance (Dhariwal & Nichol 2021): it reads the noisy input x_t,
 flattened and concatenated with a sinusoidal embedding of the timestep t, instead
 of the predicted noise.
 
-Initialisation (`weight_init`, config indicator.init): 'torch' (the default) is PyTorch's `nn.Linear` default, as the
-reference builds its indicator: weight and bias uniform in +-1/sqrt(fan_in). It sets how
+Initialisation (`weight_init`, config indicator.init): 'torch' (the default) is PyTorch's
+`nn.Linear` default, as the reference builds its indicator: weight and bias uniform in
++-1/sqrt(fan_in). It sets how
 hard the cross-entropy term pulls on the UNet at a given alpha: Flax's default ('flax',
 lecun-normal weights, zero bias) gives initial logits and a CE gradient at the predicted
 noise several times the reference's, so alpha would not mean the paper's alpha."""

@@ -91,7 +91,8 @@ class ClippedSumAccumulation:
 
 def make_optimizer(optim_cfg, num_steps, trainable='all', lr=None):
   """`num_steps` counts micro-batches; with grad_accum = k the schedule sees
-  num_steps // k updates, and optax.MultiSteps applies one every k steps.
+  num_steps // k updates, and optax.MultiSteps (with optim.clip 'reference',
+  ClippedSumAccumulation) applies one every k steps.
   `trainable` (train.trainable): 'indicator' updates params['indicator'] only, 'lora'
   params['unet_lora'] and params['indicator']; the rest gets zero updates and keeps no
   optimizer state (the train step also keeps those leaves and their EMA exactly as they
