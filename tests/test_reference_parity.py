@@ -32,6 +32,7 @@ peft = pytest.importorskip('peft')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.torch_ref import Indicator as ReferenceIndicator  # noqa: E402
 from ddm_jax.config import apply_overrides  # noqa: E402
 from ddm_jax.ddm import PixelDDM, load_latent_ddm  # noqa: E402
 from ddm_jax.interop.diffusers import params_to_state_dict  # noqa: E402
@@ -67,29 +68,22 @@ def draws(hyper, step, latent_shape, vae_shape=None):
   return vae_noise, t, np.asarray(jax.random.normal(k_n, latent_shape, jnp.float32))
 
 
-class ReferenceIndicator(torch.nn.Module):
-  """The reference's Indicator: Flatten -> fc1 -> ReLU -> ... -> fc_n."""
+def reference_indicator(sizes, state=None):
+  """The reference's indicator (benchmarks/torch_ref.Indicator: Flatten -> Linear -> ReLU
+  ... -> Linear) of layer widths `sizes`, with `state` (fc1.weight, ...) loaded."""
+  ind = ReferenceIndicator(sizes[0], sizes[1:-1], sizes[-1])
+  if state is not None:
+    with torch.no_grad():
+      for i, layer in enumerate(ind.layers):
+        layer.weight.copy_(torch.from_numpy(state[f'fc{i + 1}.weight']))
+        layer.bias.copy_(torch.from_numpy(state[f'fc{i + 1}.bias']))
+  return ind
 
-  def __init__(self, sizes):
-    super().__init__()
-    self.fcs = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
-  def forward(self, x):
-    x = torch.flatten(x, 1)
-    for i, fc in enumerate(self.fcs):
-      x = fc(x)
-      if i < len(self.fcs) - 1:
-        x = torch.relu(x)
-    return x
-
-  def load(self, state):
-    for i, fc in enumerate(self.fcs):
-      fc.weight.data.copy_(torch.from_numpy(state[f'fc{i + 1}.weight']))
-      fc.bias.data.copy_(torch.from_numpy(state[f'fc{i + 1}.bias']))
-
-  def state(self):
-    return {f'fc{i + 1}.{k}': v.detach().numpy() for i, fc in enumerate(self.fcs)
-            for k, v in (('weight', fc.weight), ('bias', fc.bias))}
+def indicator_state(ind):
+  """`ind`'s weights under the reference's names (fc1.weight, ...)."""
+  return {f'fc{i + 1}.{k}': v.detach().numpy() for i, layer in enumerate(ind.layers)
+          for k, v in (('weight', layer.weight), ('bias', layer.bias))}
 
 
 class ReferenceLoop:
@@ -124,8 +118,8 @@ class ReferenceLoop:
 
 
 def named_indicator(indicator):
-  return {f'indicator.fc{i + 1}.{k}': v for i, fc in enumerate(indicator.fcs)
-          for k, v in (('weight', fc.weight), ('bias', fc.bias))}
+  return {f'indicator.fc{i + 1}.{k}': v for i, layer in enumerate(indicator.layers)
+          for k, v in (('weight', layer.weight), ('bias', layer.bias))}
 
 
 def peft_name(key):
@@ -218,9 +212,7 @@ def torch_sd(folder, config, params, eps_shape):
   ind_state = indicator_state_dict(params['indicator'], eps_shape)
   sizes = [ind_state['fc1.weight'].shape[1]] + [ind_state[f'fc{i + 1}.bias'].shape[0]
                                                 for i in range(len(ind_state) // 2)]
-  indicator = ReferenceIndicator(sizes)
-  indicator.load(ind_state)
-  return unet, vae, text, indicator
+  return unet, vae, text, reference_indicator(sizes, ind_state)
 
 
 @pytest.mark.parametrize('name, lr, scale', SETTINGS)
@@ -256,7 +248,7 @@ def test_sd_lora_update_matches_the_official_loop(sd, name, lr, scale):
     ours = lora_state_dict(final[key])
     assert all(k.startswith(PEFT_PREFIX) for k in ours)
     compare(ours, theirs, loop, f'{name} {key}', peft_name)
-  compare(indicator_state_dict(final['indicator'], ddm.eps_shape), indicator.state(), loop,
+  compare(indicator_state_dict(final['indicator'], ddm.eps_shape), indicator_state(indicator), loop,
           f'{name} indicator', lambda k: 'indicator.' + k)
 
 
@@ -301,9 +293,8 @@ def test_pixel_full_finetune_update_matches_the_official_loop(pixel, name, lr, s
   unet.load_state_dict({k: torch.from_numpy(np.asarray(v))
                         for k, v in params_to_state_dict(params['unet']).items()})
   ind_state = indicator_state_dict(params['indicator'], ddm.eps_shape)
-  indicator = ReferenceIndicator([ind_state['fc1.weight'].shape[1], *config.indicator.hidden,
-                                  config.data.num_groups])
-  indicator.load(ind_state)
+  indicator = reference_indicator([ind_state['fc1.weight'].shape[1], *config.indicator.hidden,
+                                   config.data.num_groups], ind_state)
   d = config.diffusion
   noise_sched = diffusers.DDPMScheduler(num_train_timesteps=d.num_train_timesteps,
                                         beta_start=d.beta_start, beta_end=d.beta_end,
@@ -325,7 +316,7 @@ def test_pixel_full_finetune_update_matches_the_official_loop(pixel, name, lr, s
 
   theirs = {k: v.detach().numpy() for k, v in unet.state_dict().items()}
   compare(params_to_state_dict(final['unet']), theirs, loop, f'{name} pixel unet')
-  compare(indicator_state_dict(final['indicator'], ddm.eps_shape), indicator.state(), loop,
+  compare(indicator_state_dict(final['indicator'], ddm.eps_shape), indicator_state(indicator), loop,
           f'{name} pixel indicator', lambda k: 'indicator.' + k)
 
 
@@ -340,10 +331,10 @@ def test_indicator_init_is_torch_linear_default(model, request):
   ddm = request.getfixturevalue(model)[-3]
   params = jax.device_get(ddm.init_indicator(jax.random.key(3)))
   sizes = [int(np.prod(ddm.eps_shape)), *ddm.config.indicator.hidden, ddm.config.data.num_groups]
-  ref = ReferenceIndicator(sizes)
+  ref = reference_indicator(sizes)
   for i, fan_in in enumerate(sizes[:-1]):
     bound = fan_in ** -0.5
-    ours, theirs = params[f'layers_{i}'], ref.fcs[i]
+    ours, theirs = params[f'layers_{i}'], ref.layers[i]
     for mine, torch_ in ((ours['kernel'], theirs.weight), (ours['bias'], theirs.bias)):
       mine, torch_ = np.asarray(mine), torch_.detach().numpy()
       assert mine.shape == torch_.T.shape
