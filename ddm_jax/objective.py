@@ -68,8 +68,10 @@ def indicator_pull(terms, out, w_rec, w_ind):
   network output (the predicted noise, where the CE gradient enters the UNet) relative to
   the denoising term; what alpha means for a given indicator. 0 without a denoising term.
   A metric only: it reads a stopped copy of `out`, so no parameter gradient changes."""
-  out = jax.lax.stop_gradient(out)
-  g_rec = jax.grad(lambda o: w_rec * terms(o)[0])(out)
-  g_ind = jax.grad(lambda o: w_ind * terms(o)[1])(out)
+  def weighted(o):
+    loss_rec, loss_ind, _ = terms(o)
+    return jnp.stack([w_rec * loss_rec, w_ind * loss_ind])
+  _, pull_back = jax.vjp(weighted, jax.lax.stop_gradient(out))   # one forward, two pulls
+  (g_rec,), (g_ind,) = pull_back(jnp.array([1.0, 0.0])), pull_back(jnp.array([0.0, 1.0]))
   den = jnp.sqrt(jnp.sum(g_rec ** 2))
   return jnp.where(den > 0, jnp.sqrt(jnp.sum(g_ind ** 2)) / jnp.where(den > 0, den, 1.0), 0.0)
